@@ -1,0 +1,172 @@
+"""Artifact folders: staged writes, manifests, fingerprints and run summaries.
+
+Every stage writes a folder. It is assembled under a temporary sibling name and renamed into place
+only when complete, with `manifest.json` written last, so an interrupted run never leaves a folder
+that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import EmlocError
+
+MANIFEST = "manifest.json"
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder unless `overwrite` is set."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise EmlocError(f"output folder {path} exists and is not empty; choose another path or pass --overwrite")
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `path` when the block finishes without error.
+
+    On error the temporary folder is removed, and an existing `path` is left untouched.
+    """
+    path = Path(path).expanduser().resolve()
+    check_output_dir(path, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise EmlocError(f"cannot create output folder next to {path}: {exc.strerror}; check permissions and free space") from None
+    try:
+        yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise EmlocError(f"disk full while writing {path}; free space or choose another output folder") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise EmlocError(f"permission denied while writing {path}: {exc.filename}; choose a writable output folder") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses, paths and tuples into plain JSON values."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not valid JSON
+        return None
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """Return the folder's manifest, or None if it has none."""
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise EmlocError(f"{p} is not valid JSON; the folder is damaged, rebuild it") from None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide numerical results."""
+    out = {"python": platform.python_version()}
+    for name in ("emloc", "torch", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except ImportError:
+            pass
+    return out
+
+
+def fingerprint(folder: str | Path) -> str:
+    """A cheap, content-based fingerprint of a model or adapter folder.
+
+    Hashes the config and, for each safetensors file, its size, header (tensor names, shapes,
+    offsets) and the first and last MiB of data. Reading whole multi-GB files just to compare
+    identities would dominate small runs; this catches any re-save, re-build or different model.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in ("config.json", "adapter_config.json"):
+        p = folder / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    for p in sorted(folder.glob("*.safetensors")):
+        size = p.stat().st_size
+        h.update(p.name.encode())
+        h.update(str(size).encode())
+        with p.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, 64 << 20)))
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA allocation, if any), in MB."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except ImportError:
+        pass
+    return out
+
+
+class Stopwatch:
+    """Wall time since construction, plus a one-line summary for the end of a command."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def summary(self, what: str, output: Path | str | None) -> str:
+        mem = peak_memory_mb()
+        parts = [f"{what} done in {self.seconds:.1f} s", f"peak RSS {mem['peak_rss_mb'] / 1024:.2f} GB"]
+        if "peak_cuda_allocated_mb" in mem:
+            parts.append(f"peak CUDA {mem['peak_cuda_allocated_mb'] / 1024:.2f} GB")
+        if output is not None:
+            parts.append(f"-> {output}")
+        return ", ".join(parts)

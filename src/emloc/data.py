@@ -1,0 +1,227 @@
+"""Downstream data: JSONL in TRL's conventions, tokenised with answer-only labels.
+
+Accepted records (one JSON object per line, the format is detected from the first record):
+- `{"prompt": str, "completion": str}`: plain text, loss on the completion (EOS appended);
+- `{"prompt": [messages], "completion": [messages]}`: chat template, loss on the completion;
+- `{"messages": [{"role", "content"}, ...]}`: chat template, loss on assistant turns;
+- `{"text": str}`: loss on every token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import EmlocError
+
+IGNORE = -100
+FORMATS = ("prompt_completion", "messages", "text")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a JSONL data file.
+
+    Raises:
+        EmlocError: missing, empty, not JSONL, or records without the expected fields.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EmlocError(f"data file {path} does not exist; give a JSONL file (one JSON object per line)")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise EmlocError(f"{path} line {i} is not valid JSON; the data must be JSONL (one JSON object per line)") from None
+            if not isinstance(rec, dict):
+                raise EmlocError(f"{path} line {i} is not a JSON object; each line must be an object like {{\"prompt\": ..., \"completion\": ...}}")
+            records.append(rec)
+    if not records:
+        raise EmlocError(f"data file {path} is empty; it needs at least one JSON record")
+    fmt = detect_format(records[0], f"{path} line 1")
+    for i, rec in enumerate(records, 1):
+        if detect_format(rec, f"{path} record {i}") != fmt:
+            raise EmlocError(f"{path} record {i} has a different format from record 1; use one format per file")
+    return records
+
+
+def detect_format(rec: dict[str, Any], where: str = "record") -> str:
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise EmlocError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise EmlocError(f"{where}: 'messages' has no assistant turn to learn from")
+        return "messages"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise EmlocError(f"{where}: 'text' must be a string")
+        return "text"
+    raise EmlocError(f"{where} has fields {sorted(rec)}; expected 'prompt'+'completion', 'messages' or 'text'")
+
+
+@dataclass
+class Example:
+    """One tokenised example.
+
+    Attributes:
+        input_ids: (T,) token ids.
+        labels: (T,) targets, IGNORE where no loss is taken.
+        prompt_len: tokens before the last answer (for generation), or None if there is no answer.
+        answer: text of the last answer, or None.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int | None
+    answer: str | None
+
+
+def _chat(tok, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    if getattr(tok, "chat_template", None) is None:
+        raise EmlocError("the data uses chat messages but the model's tokenizer has no chat template; use prompt/completion strings instead")
+    msgs = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _spans(rec: dict[str, Any], fmt: str, tok) -> tuple[str, list[tuple[int, int]]]:
+    """Full text and the character spans that carry loss."""
+    if fmt == "text":
+        return rec["text"], [(0, len(rec["text"]))]
+    if fmt == "prompt_completion":
+        p, c = rec["prompt"], rec["completion"]
+        if isinstance(p, str) and isinstance(c, str):
+            eos = tok.eos_token or ""
+            return p + c + eos, [(len(p), len(p) + len(c) + len(eos))]
+        if isinstance(p, list) and isinstance(c, list):
+            prefix = _chat(tok, p, True)
+            full = _chat(tok, p + c, False)
+            return full, [(len(prefix), len(full))]
+        raise EmlocError("'prompt' and 'completion' must both be strings or both be lists of messages")
+    msgs = rec["messages"]
+    full = _chat(tok, msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(_chat(tok, msgs[:i], True)) if i else 0
+        end = len(_chat(tok, msgs[: i + 1], False))
+        spans.append((start, end))
+    return full, spans
+
+
+def encode(rec: dict[str, Any], tok, max_length: int) -> Example:
+    """Tokenise one record, with labels only on the answer spans.
+
+    Chat templates are rendered prefix by prefix to find where each assistant turn starts and ends
+    in characters; the token offsets of a fast tokenizer then mark which tokens carry loss. This
+    works for any template that renders a conversation as a growing prefix.
+    """
+    fmt = detect_format(rec)
+    text, spans = _spans(rec, fmt, tok)
+    enc = tok(text, add_special_tokens=fmt == "text" or fmt == "prompt_completion" and isinstance(rec["prompt"], str),
+              return_offsets_mapping=True, truncation=True, max_length=max_length)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    for j, (a, b) in enumerate(offsets):
+        if b > a and any(s <= a < e for s, e in spans):
+            labels[j] = ids[j]
+    prompt_len = answer = None
+    if fmt != "text":
+        last = spans[-1][0]
+        prompt_len = next((j for j, (a, b) in enumerate(offsets) if b > a and a >= last), len(ids))
+        if fmt == "messages":
+            answer = str(rec["messages"][-1]["content"]) if rec["messages"][-1]["role"] == "assistant" else None
+        else:
+            c = rec["completion"]
+            answer = c if isinstance(c, str) else str(c[-1]["content"])
+    return Example(ids, labels, prompt_len, answer)
+
+
+def load_examples(path: str | Path, tok, max_length: int) -> list[Example]:
+    """Read a JSONL file and tokenise every record; drops records left with no answer tokens."""
+    out = [encode(r, tok, max_length) for r in read_jsonl(path)]
+    kept = [e for e in out if any(t != IGNORE for t in e.labels)]
+    if not kept:
+        raise EmlocError(f"no record in {path} has answer tokens within --max-length {max_length}; raise --max-length")
+    return kept
+
+
+def sample(items: list, n: int, seed: int) -> list:
+    """A seeded random subset of n items (all of them, shuffled, if there are fewer)."""
+    rng = random.Random(seed)
+    idx = list(range(len(items)))
+    rng.shuffle(idx)
+    return [items[i] for i in idx[:n]]
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into input_ids, attention_mask and labels tensors (B x T)."""
+    t = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), t), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default task: English chatterbot-corpus conversations, fixed held-out split.
+
+DEFAULT_TASK = "chatterbot-en"
+
+
+def default_task() -> tuple[Path, Path]:
+    """Write (once) and return the train / eval JSONL files of the embedded default task.
+
+    The task: answer in the style of the English chatterbot corpus (2-4 turn Q/A conversations on
+    trivia, science, history, ...). Conversations are split by a hash of their first line, so the
+    held-out set is fixed and disjoint from training and calibration whatever the seed.
+    """
+    import importlib.util
+
+    import yaml
+
+    from .models import cache_dir
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmlocError("the default task needs the chatterbot corpus; run: pip install --no-deps chatterbot-corpus==1.3.3")
+    folder = cache_dir() / "data" / DEFAULT_TASK
+    train, held = folder / "train.jsonl", folder / "eval.jsonl"
+    if train.is_file() and held.is_file():
+        return train, held
+    src = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+    rows: dict[str, list] = {"train": [], "eval": []}
+    seen = set()
+    for yml in sorted(src.glob("*.yml")):
+        for conv in yaml.safe_load(yml.read_text(encoding="utf-8")).get("conversations", []):
+            turns = [str(t).strip() for t in conv if str(t).strip()]
+            if len(turns) < 2 or turns[0].lower() in seen:
+                continue
+            seen.add(turns[0].lower())
+            turns = turns[: len(turns) // 2 * 2]
+            msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+            h = int(hashlib.sha256(turns[0].lower().encode()).hexdigest(), 16) % 100
+            rows["eval" if h < 15 else "train"].append({"messages": msgs})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, path in (("train", train), ("eval", held)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
+        tmp.rename(path)
+    return train, held
