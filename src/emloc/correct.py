@@ -1,0 +1,229 @@
+"""Stage 3: correct a LoRA trained on an emulator so that it applies to the original model.
+
+Per LoRA'd layer, with W the original weight, W_e the emulator's (W_e = W for a layer left dense)
+and s the LoRA scaling:
+
+1. Orthonormalise A: thin SVD A^T = P Sigma_a Q (P: n x r), so B A = B' P^T with B' = B Q^T Sigma_a.
+2. C = (W - W_e) P (m x r): what the original computes differently from the emulator on the r
+   orthonormal input directions that the LoRA reads.
+3. B_new = B' - C / s, A_new = P^T, so that
+   W + s B_new A_new = W (I - P P^T) + W_e P P^T + s B A:
+   inside the LoRA's input subspace the corrected original layer computes exactly what the trained
+   emulator layer did; outside it the original is untouched.
+4. Clamp (L): per direction j, if mean|C_j / s| > L * mean|B'_j|, scale C_j down to that bound.
+
+Everything is computed in fp32 (fp64 on request) one layer at a time, reading W, the emulator
+factors and the adapter for that layer only. The result is a new, standard PEFT adapter folder for
+the original model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .errors import EmlocError
+from .models import WeightStore, resolve_model
+
+log = logging.getLogger("emloc")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODES = ("paper", "none")
+
+
+@dataclass
+class CorrectConfig:
+    """Settings of `correct_adapter`.
+
+    Attributes:
+        mode: `paper` (the EMLoC correction above) or `none` (re-target the adapter unchanged, for
+            comparison).
+        clamp: L of the clamp, or None for no clamp (the exact correction).
+        dtype: `float32` or `float64` for the computation; the adapter is saved in float32.
+    """
+
+    mode: str = "paper"
+    clamp: float | None = 3.0
+    dtype: str = "float32"
+
+
+@dataclass
+class LayerCorrection:
+    """The corrected factors of one layer and what the correction did.
+
+    Attributes:
+        lora_A: A_new (r x n).
+        lora_B: B_new (m x r).
+        correction_norm: ||C / s||_F after clamping.
+        lora_norm: ||B'||_F, the LoRA's own update norm along P.
+        clamped: rank directions whose correction was scaled down.
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    correction_norm: float
+    lora_norm: float
+    clamped: int
+
+
+def scaling(config: dict[str, Any], module: str, rank: int) -> float:
+    """The LoRA scaling s of `module` from an adapter_config (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    alpha = config.get("lora_alpha", 8)
+    for pat, a in (config.get("alpha_pattern") or {}).items():
+        if module == pat or module.endswith("." + pat):
+            alpha = a
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def correct_layer(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                  clamp: float | None) -> LayerCorrection:
+    """Correct one LoRA layer (see the module docstring).
+
+    Args:
+        w: original weight W (m x n).
+        w_e: emulator weight W_e (m x n).
+        a: lora_A (r x n).
+        b: lora_B (m x r).
+        s: LoRA scaling.
+        clamp: L, or None for the exact correction.
+    """
+    p, sig, q = torch.linalg.svd(a.T, full_matrices=False)  # A^T = P diag(sig) Q; P (n x r), Q (r x r)
+    b_prime = (b @ q.T) * sig  # B Q^T Sigma_a
+    c = (w - w_e) @ p / s  # (m x r)
+    clamped = 0
+    if clamp is not None:
+        c_mag = c.abs().mean(dim=0)
+        bound = clamp * b_prime.abs().mean(dim=0)
+        over = c_mag > bound
+        clamped = int(over.sum())
+        factor = torch.where(over, bound / c_mag.clamp(min=torch.finfo(c.dtype).tiny), torch.ones_like(c_mag))
+        c = c * factor
+    return LayerCorrection(p.T.contiguous(), (b_prime - c).contiguous(), float(c.norm()), float(b_prime.norm()), clamped)
+
+
+def _emulator_weight(store: WeightStore, module: str, layer: dict[str, Any] | None, dtype: torch.dtype) -> torch.Tensor:
+    if layer is None or layer.get("rank") is None:
+        return store.get(f"{module}.weight").to(dtype)
+    return store.get(f"{module}.up").to(dtype) @ store.get(f"{module}.down").to(dtype)
+
+
+def _lora_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Adapter keys look like `base_model.model.<module>.lora_A.weight`."""
+    mods = []
+    for k in tensors:
+        if k.endswith(".lora_A.weight"):
+            mods.append(k[len("base_model.model."):-len(".lora_A.weight")] if k.startswith("base_model.model.") else
+                        k[:-len(".lora_A.weight")])
+    return mods
+
+
+def _check_adapter(adapter: Path) -> dict[str, Any]:
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise EmlocError(f"{adapter} is not a PEFT adapter folder (needs adapter_config.json and {ADAPTER_WEIGHTS})")
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise EmlocError(f"adapter type {config.get('peft_type')} cannot be corrected; emloc corrects plain LoRA adapters")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA with a trained bias")):
+        if config.get(flag):
+            raise EmlocError(f"{what} adapters cannot be corrected (the correction is for W + s B A); train plain LoRA")
+    if config.get("modules_to_save"):
+        raise EmlocError("adapters with modules_to_save cannot be corrected; train LoRA only (no modules_to_save)")
+    if config.get("fan_in_fan_out"):
+        raise EmlocError("fan_in_fan_out adapters (Conv1D layers) cannot be corrected; emloc handles nn.Linear layers")
+    return config
+
+
+def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Path | None = None,
+                    base: str | Path | None = None, config: CorrectConfig | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write a corrected copy of an emulator-trained adapter for the original model.
+
+    Args:
+        adapter: PEFT LoRA adapter trained on the emulator.
+        output: new adapter folder (the input is never modified).
+        emulator: the emulator it was trained on (default: from the adapter's manifest or config).
+        base: the original model (default: from the emulator's manifest).
+        config: settings; defaults to `CorrectConfig()`.
+        overwrite: replace a non-empty `output`.
+
+    Returns:
+        The corrected adapter folder; its adapter_config.json names the original model.
+    """
+    cfg = config or CorrectConfig()
+    if cfg.mode not in MODES:
+        raise EmlocError(f"unknown correction mode {cfg.mode!r}; use one of {', '.join(MODES)}")
+    if cfg.clamp is not None and not cfg.clamp > 0:
+        raise EmlocError(f"clamp L must be positive (got {cfg.clamp}); use 'none' to disable it")
+    watch = Stopwatch()
+    adapter = Path(adapter).expanduser().resolve()
+    if not adapter.is_dir():
+        raise EmlocError(f"adapter folder {adapter} does not exist; give the output folder of `emloc train`")
+    acfg = _check_adapter(adapter)
+    amanifest = read_manifest(adapter) or {}
+    emu_dir = Path(emulator or amanifest.get("trained_on") or acfg.get("base_model_name_or_path") or "").expanduser()
+    emanifest = read_manifest(emu_dir) if emu_dir.is_dir() else None
+    if emanifest is None or emanifest.get("kind") != "emulator":
+        raise EmlocError(f"{emu_dir} is not an emulator folder; pass --emulator with the emulator the adapter was trained on")
+    if amanifest.get("trained_on_fingerprint") and amanifest["trained_on_fingerprint"] != emanifest.get("fingerprint"):
+        raise EmlocError(f"the adapter was trained on a different emulator than {emu_dir} (fingerprint mismatch); "
+                         "pass the emulator it was trained on")
+    base_dir = resolve_model(base or emanifest["base"])
+    if fingerprint(base_dir) != emanifest["base_fingerprint"]:
+        raise EmlocError(f"{base_dir} is not the base model the emulator was built from (fingerprint mismatch); "
+                         f"pass --base with the model used in `emloc build`")
+    out_path = Path(output).expanduser().resolve()
+    if out_path in (adapter, emu_dir.resolve(), base_dir):
+        raise EmlocError("the output folder is one of the inputs; choose a new folder")
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    tensors = load_file(adapter / ADAPTER_WEIGHTS)
+    modules = _lora_modules(tensors)
+    if not modules:
+        raise EmlocError(f"{adapter} holds no LoRA weights")
+    base_store, emu_store = WeightStore(base_dir), WeightStore(emu_dir)
+    prefix = "base_model.model."
+    report: dict[str, Any] = {}
+    new = dict(tensors)
+    if cfg.mode == "paper":
+        for mod in tqdm(modules, desc="correcting LoRA", unit="layer"):
+            ka, kb = f"{prefix}{mod}.lora_A.weight", f"{prefix}{mod}.lora_B.weight"
+            a, b = tensors[ka].to(dtype), tensors[kb].to(dtype)
+            w = base_store.get(f"{mod}.weight").to(dtype)
+            w_e = _emulator_weight(emu_store, mod, emanifest["layers"].get(mod), dtype)
+            s = scaling(acfg, mod, a.shape[0])
+            res = correct_layer(w, w_e, a, b, s, cfg.clamp)
+            if not (torch.isfinite(res.lora_A).all() and torch.isfinite(res.lora_B).all()):
+                raise EmlocError(f"the corrected LoRA of {mod} is non-finite; check the adapter and emulator weights")
+            new[ka], new[kb] = res.lora_A.float(), res.lora_B.float()
+            report[mod] = {"scaling": s, "correction_norm": res.correction_norm, "lora_norm": res.lora_norm,
+                           "clamped": res.clamped, "rank": a.shape[0]}
+    with staged_output(out_path, overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        acfg["base_model_name_or_path"] = str(base_dir)
+        (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
+        if (adapter / "README.md").is_file():
+            shutil.copy2(adapter / "README.md", tmp / "README.md")
+        clamped = sum(r["clamped"] for r in report.values())
+        directions = sum(r["rank"] for r in report.values())
+        write_json(tmp / MANIFEST, {
+            "kind": "corrected_adapter", "adapter": str(adapter), "adapter_fingerprint": fingerprint(adapter),
+            "emulator": str(emu_dir.resolve()), "emulator_fingerprint": emanifest.get("fingerprint"),
+            "base": str(base_dir), "base_fingerprint": emanifest["base_fingerprint"], "config": cfg,
+            "clamped_directions": clamped, "directions": directions, "layers": report,
+            "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
+        })
+    if cfg.mode == "paper":
+        log.info("clamp fired in %d of %d rank directions", clamped, directions)
+    print(watch.summary("correct", out_path))
+    return out_path

@@ -1,0 +1,143 @@
+"""Held-out evaluation: answer-token NLL / perplexity and greedy exact match on short answers."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifacts import Stopwatch, peak_memory_mb, to_jsonable, write_json
+from .data import IGNORE, collate, load_examples, sample
+from .errors import EmlocError
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `evaluate`.
+
+    Attributes:
+        samples: evaluate at most this many records (a seeded draw), or all if None.
+        max_length: tokens per record.
+        batch_size: records per forward pass.
+        exact_match: also generate greedily and compare with the reference answer.
+        em_max_answer_tokens: exact match only counts records whose answer is this short.
+        seed: seed of the draw.
+        device: auto, cpu, cuda.
+        dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.
+    """
+
+    samples: int | None = None
+    max_length: int = 512
+    batch_size: int = 8
+    exact_match: bool = True
+    em_max_answer_tokens: int = 16
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD-style)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def load_for_eval(model: str | Path, adapter: str | Path | None, device: str, dtype: str):
+    """The model (base, packaged name or emulator), with `adapter` applied through plain PEFT."""
+    from peft import PeftModel
+
+    from .train import load_model
+
+    net = load_model(model, device, dtype)
+    if adapter is not None:
+        a = Path(adapter).expanduser()
+        if not (a / "adapter_config.json").is_file():
+            raise EmlocError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
+        net = PeftModel.from_pretrained(net, a)
+    net.eval()
+    return net
+
+
+@torch.no_grad()
+def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = None,
+             config: EvalConfig | None = None, output: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a model (optionally with an adapter) on held-out JSONL data.
+
+    Args:
+        model: a model folder, packaged model name, or emulator folder.
+        data: JSONL held-out data.
+        adapter: PEFT adapter folder to apply, or None.
+        config: settings; defaults to `EvalConfig()`.
+        output: JSON file to write the results to, or None.
+
+    Returns:
+        {"nll", "ppl", "answer_tokens", "records", "exact_match", "em_records", ...}.
+    """
+    from transformers import AutoTokenizer
+
+    cfg = config or EvalConfig()
+    watch = Stopwatch()
+    net = load_for_eval(model, adapter, cfg.device, cfg.dtype)
+    device = next(net.parameters()).device
+    tok = AutoTokenizer.from_pretrained(Path(getattr(net, "name_or_path", "") or net.base_model.model.name_or_path)
+                                        if adapter is None else _model_dir(net))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    examples = load_examples(data, tok, cfg.max_length)
+    if cfg.samples:
+        examples = sample(examples, cfg.samples, cfg.seed)
+    # Batches of similar length waste little on padding; the totals do not depend on the order.
+    examples = sorted(examples, key=lambda e: len(e.input_ids))
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(examples), cfg.batch_size), desc="eval NLL", leave=False):
+        b = {k: v.to(device) for k, v in collate(examples[i:i + cfg.batch_size], pad_id).items()}
+        logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        labels = b["labels"][:, 1:]
+        lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+        keep = labels != IGNORE
+        nll += float(lp[keep].sum())
+        count += int(keep.sum())
+    if not math.isfinite(nll):
+        raise EmlocError("the evaluated model produced non-finite log-likelihoods; check the model and adapter")
+    result: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
+                              "records": len(examples), "answer_tokens": count,
+                              "nll": nll / max(count, 1), "ppl": math.exp(min(nll / max(count, 1), 50))}
+    if cfg.exact_match:
+        short = [e for e in examples if e.answer is not None and e.prompt_len
+                 and len(tok(e.answer, add_special_tokens=False)["input_ids"]) <= cfg.em_max_answer_tokens]
+        hits = 0
+        tok.padding_side = "left"
+        for i in tqdm(range(0, len(short), cfg.batch_size), desc="eval exact match", leave=False):
+            chunk = short[i:i + cfg.batch_size]
+            t = max(e.prompt_len for e in chunk)  # type: ignore[type-var]
+            ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, e in enumerate(chunk):
+                p = e.input_ids[: e.prompt_len]
+                ids[j, t - len(p):] = torch.tensor(p)
+                mask[j, t - len(p):] = 1
+            gen = net.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                               max_new_tokens=cfg.em_max_answer_tokens + 4, pad_token_id=pad_id)
+            for j, e in enumerate(chunk):
+                text = tok.decode(gen[j, t:], skip_special_tokens=True)
+                hits += normalize(text) == normalize(e.answer or "")
+        result["exact_match"] = hits / len(short) if short else None
+        result["em_records"] = len(short)
+    result.update(wall_seconds=round(watch.seconds, 1), **peak_memory_mb())
+    if output is not None:
+        out = Path(output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, to_jsonable(result))
+    return result
+
+
+def _model_dir(net) -> Path:
+    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return Path(inner.name_or_path)

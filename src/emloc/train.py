@@ -1,0 +1,322 @@
+"""Stage 2: LoRA fine-tuning on a frozen model (an emulator, or any causal LM for comparison).
+
+The loop runs on `accelerate`, so the same code trains on one CPU, one GPU, or several processes
+under `accelerate launch` (DDP, DeepSpeed, FSDP through the user's accelerate config).
+
+Batches are defined globally: optimizer step s consumes the global batch
+`order[s*B:(s+1)*B]` of a seeded permutation, split evenly across processes and then into
+micro-batches. The loss is the sum over answer tokens divided by the answer tokens of the whole
+global batch, so the gradient is the same whatever the number of processes or micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .data import IGNORE, Example, collate, load_examples, sample
+from .errors import EmlocError
+from .models import block_linears, find_blocks, parse_device, parse_dtype, resolve_model
+
+log = logging.getLogger("emloc")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `train_adapter`.
+
+    Attributes:
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora).
+        dropout: LoRA dropout.
+        rslora: rank-stabilised scaling.
+        targets: regex (full match over module names) or comma-separated module names to adapt;
+            default: every nn.Linear inside the transformer blocks.
+        lr: peak learning rate (AdamW).
+        schedule: `cosine`, `linear` or `constant` (with warmup).
+        warmup: warmup as a fraction of the steps.
+        weight_decay: AdamW weight decay.
+        steps: optimizer steps; if None, `epochs` passes over the data.
+        epochs: used when `steps` is None.
+        batch_size: global batch (records per optimizer step, over all processes).
+        micro_batch_size: records per forward pass per process (gradient accumulation makes up the rest).
+        max_length: tokens per record (longer ones are truncated).
+        gradient_checkpointing: recompute block activations in the backward pass to save memory.
+        eval_fraction: share of the training file held out for eval loss when no eval file is given.
+        eval_every: steps between eval-loss measurements (0: only at the end).
+        eval_samples: at most this many held-out records are used for eval loss.
+        seed: seed of LoRA init and data order.
+        device: auto, cpu, cuda (ignored under `accelerate launch`, which decides).
+        dtype: dtype of the frozen weights (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: str | None = None
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    steps: int | None = 200
+    epochs: float = 1.0
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    max_length: int = 512
+    gradient_checkpointing: bool = False
+    eval_fraction: float = 0.1
+    eval_every: int = 50
+    eval_samples: int = 256
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> nn.Module:
+    """Load an emulator folder, a model folder or a packaged model name as a causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    from .emulator import is_emulator, load_emulator
+
+    if Path(str(path)).expanduser().is_dir() and is_emulator(Path(str(path)).expanduser()):
+        return load_emulator(path, device, dtype)
+    folder = resolve_model(path)
+    dev = parse_device(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype, dev)).to(dev)
+    model.eval()
+    return model
+
+
+def default_targets(model: nn.Module) -> str:
+    """A PEFT `target_modules` regex covering every nn.Linear inside the transformer blocks."""
+    name, blocks = find_blocks(model)
+    rel = sorted({n for n, _ in block_linears(blocks[0])})
+    if not rel:
+        raise EmlocError("the model's blocks hold no nn.Linear layer to put LoRA on")
+    return rf"{re.escape(name)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})"
+
+
+def lora_config(model: nn.Module, cfg: TrainConfig):
+    from peft import LoraConfig
+
+    if cfg.rank < 1:
+        raise EmlocError(f"--rank must be at least 1 (got {cfg.rank})")
+    targets: Any = cfg.targets or default_targets(model)
+    if cfg.targets and "," in cfg.targets:
+        targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def answer_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss after the causal shift."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _schedule(optimizer, cfg: TrainConfig, steps: int):
+    from transformers import get_scheduler
+
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise EmlocError(f"unknown --schedule {cfg.schedule!r}; use cosine, linear or constant")
+    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup * steps), num_training_steps=steps)
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int, device: torch.device,
+              accelerator=None) -> float:
+    """Token-weighted mean NLL on the answer tokens of `examples` (sharded over processes)."""
+    was = model.training
+    model.eval()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = examples[rank::world]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), micro):
+        b = {k: v.to(device) for k, v in collate(mine[i:i + micro], pad_id).items()}
+        n = answer_tokens(b["labels"])
+        if n == 0:
+            continue
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], num_items_in_batch=n)
+        total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=device)
+    if accelerator is not None and world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    model.train(was)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train_adapter(model: str | Path, data: str | Path, output: str | Path, config: TrainConfig | None = None,
+                  eval_data: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Train a LoRA adapter on a frozen model and save it as a standard PEFT adapter folder.
+
+    Args:
+        model: an emulator folder (the EMLoC path), or a model folder / packaged name (plain LoRA).
+        data: JSONL training data (see `emloc.data`).
+        output: adapter folder to create (`adapter_config.json`, `adapter_model.safetensors`,
+            `manifest.json`, `loss_log.jsonl`, `loss.png`).
+        config: settings; defaults to `TrainConfig()`.
+        eval_data: JSONL held-out data; if None, `config.eval_fraction` of `data` is held out.
+        overwrite: replace a non-empty `output`.
+
+    Returns:
+        The adapter folder.
+    """
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    cfg = config or TrainConfig()
+    watch = Stopwatch()
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise EmlocError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    per_proc = cfg.batch_size // world
+    micro = min(cfg.micro_batch_size, per_proc)
+
+    model_path = Path(str(model)).expanduser()
+    device = accelerator.device
+    net = load_model(model, device=str(device), dtype=cfg.dtype)
+    source = read_manifest(model_path) if model_path.is_dir() else None
+    model_dir = Path(net.name_or_path)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    train_ex = load_examples(data, tok, cfg.max_length)
+    if eval_data is not None:
+        held = load_examples(eval_data, tok, cfg.max_length)
+    elif cfg.eval_fraction > 0 and len(train_ex) >= 10:
+        shuffled = sample(train_ex, len(train_ex), cfg.seed + 1)
+        n_eval = max(1, int(len(train_ex) * cfg.eval_fraction))
+        held, train_ex = shuffled[:n_eval], shuffled[n_eval:]
+    else:
+        held = []
+    held = held[: cfg.eval_samples]
+    steps = cfg.steps if cfg.steps else max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.batch_size))
+
+    torch.manual_seed(cfg.seed)  # identical LoRA init on every process
+    peft_model = get_peft_model(net, lora_config(net, cfg))
+    if cfg.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _schedule(optimizer, cfg, steps)
+    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    peft_model.train()
+
+    # Global data order: seeded permutations, one per epoch, concatenated.
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    while len(order) < steps * cfg.batch_size:
+        perm = list(range(len(train_ex)))
+        rng.shuffle(perm)
+        order += perm
+
+    log_rows: list[dict[str, Any]] = []
+    out_path = Path(output).expanduser().resolve()
+    # Only the main process publishes the folder; the others write nowhere.
+    target = staged_output(out_path, overwrite) if main else tempfile.TemporaryDirectory()
+    with target as tmp:
+        tmp = Path(tmp)
+        bar = tqdm(range(steps), desc="training LoRA", unit="step", disable=not main)
+        for step in bar:
+            batch = [train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+            mine = batch[accelerator.process_index::world]
+            n_global = torch.tensor(answer_tokens(collate(batch, pad_id)["labels"]), device=device)
+            loss_sum = 0.0
+            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+            for j, chunk in enumerate(chunks):
+                b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+                ctx = accelerator.no_sync(peft_model) if j < len(chunks) - 1 else contextlib.nullcontext()
+                with ctx:
+                    out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                                     num_items_in_batch=int(n_global))
+                    # DDP averages gradients over processes; scale so the result is sum / n_global.
+                    accelerator.backward(out.loss * world)
+                loss_sum += float(out.loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.tensor(loss_sum, device=device)
+            if world > 1:
+                loss = accelerator.reduce(loss, reduction="sum")
+            row: dict[str, Any] = {"step": step + 1, "loss": round(float(loss), 6), "lr": scheduler.get_last_lr()[0]}
+            if not math.isfinite(row["loss"]):
+                raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
+            last = step + 1 == steps
+            if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                row["eval_loss"] = round(eval_loss(peft_model, held, micro, pad_id, device, accelerator), 6)
+            log_rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
+
+        accelerator.wait_for_everyone()
+        if main:
+            unwrapped = accelerator.unwrap_model(peft_model)
+            unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(peft_model, unwrap=False)
+                                      if _zero3(accelerator) else None)
+            (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+            _plot_losses(log_rows, tmp / "loss.png")
+            manifest = {
+                "kind": "adapter",
+                "trained_on": str(model_dir),
+                "trained_on_kind": source.get("kind") if source else "base",
+                "trained_on_fingerprint": fingerprint(model_dir),
+                "base": source.get("base") if source and source.get("kind") == "emulator" else str(model_dir),
+                "config": cfg,
+                "data": str(Path(data).expanduser().resolve()),
+                "eval_data": str(Path(eval_data).expanduser().resolve()) if eval_data else None,
+                "train_records": len(train_ex), "eval_records": len(held),
+                "steps": steps, "trainable_params": n_trainable,
+                "model_params": sum(p.numel() for p in unwrapped.parameters()) - n_trainable,
+                "final_loss": log_rows[-1]["loss"], "final_eval_loss": log_rows[-1].get("eval_loss"),
+                "processes": world,
+                "seconds_per_step": round(watch.seconds / steps, 3),
+                "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
+            }
+            write_json(tmp / MANIFEST, manifest)
+        accelerator.wait_for_everyone()
+    if main:
+        print(watch.summary("train", out_path))
+    return out_path
+
+
+def _zero3(accelerator) -> bool:
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    return bool(ds and ds.zero_stage == 3) or getattr(accelerator, "is_fsdp2", False) or \
+        getattr(accelerator.state, "fsdp_plugin", None) is not None
+
+
+def _plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer NLL")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
