@@ -1,0 +1,251 @@
+"""The `emloc` command line: each verb parses its flags and calls one library function.
+
+Flags are generated from the stage's config dataclass (names, types, defaults and the help text of
+its docstring), so the library and the CLI cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import EmlocError
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Parse `name: text` entries from the Attributes section of a dataclass docstring."""
+    doc = cls.__doc__ or ""
+    out: dict[str, str] = {}
+    current = None
+    for line in doc.split("Attributes:", 1)[-1].splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            current = m.group(1)
+            out[current] = m.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    return out
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "null") else float(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Add one flag per dataclass field (`micro_batch_size` -> `--micro-batch-size`)."""
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"dest": prefix.replace("-", "_") + f.name, "default": default,
+                              "help": f"{helps.get(f.name, '')} (default: {default})"}
+        args = typing.get_args(hint)
+        base = hint
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            non_none = [a for a in args if a is not type(None)]
+            base = non_none[0] if len(non_none) == 1 else str
+            if base is float:
+                kw["type"] = _optional_float
+                kw["metavar"] = "FLOAT|none"
+            elif base is int:
+                kw["type"] = lambda s: None if s.lower() == "none" else int(s)
+            else:
+                kw["type"] = str
+        elif base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = base
+        parser.add_argument(flag, **kw)
+
+
+def build_config(cls: type, ns: argparse.Namespace, prefix: str = "", **overrides: Any):
+    values = {f.name: getattr(ns, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(ns, prefix + f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def _ratio(ns: argparse.Namespace):
+    from .emulator import parse_ratio_table
+
+    if ns.ratio_table:
+        return parse_ratio_table(ns.ratio_table)
+    try:
+        return float(ns.ratio)
+    except ValueError:
+        raise EmlocError(f"--ratio {ns.ratio!r} is not a number; give a fraction in (0, 1] or use --ratio-table FILE") from None
+
+
+# ------------------------------------------------------------------------------------------ verbs
+
+def cmd_build(ns: argparse.Namespace) -> None:
+    from .emulator import EmulatorConfig, build_emulator
+
+    build_emulator(ns.base, ns.data, ns.output, build_config(EmulatorConfig, ns, ratio=_ratio(ns)), ns.overwrite)
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from .train import TrainConfig, train_adapter
+
+    train_adapter(ns.model, ns.data, ns.output, build_config(TrainConfig, ns), ns.eval_data, ns.overwrite)
+
+
+def cmd_correct(ns: argparse.Namespace) -> None:
+    from .correct import CorrectConfig, correct_adapter
+
+    correct_adapter(ns.adapter, ns.output, ns.emulator, ns.base, build_config(CorrectConfig, ns), ns.overwrite)
+
+
+def cmd_merge(ns: argparse.Namespace) -> None:
+    from .merge import merge_adapter
+
+    merge_adapter(ns.base, ns.adapter, ns.output, ns.overwrite)
+
+
+def cmd_eval(ns: argparse.Namespace) -> None:
+    import json
+
+    from .evaluate import EvalConfig, evaluate
+
+    r = evaluate(ns.model, ns.data, ns.adapter, build_config(EvalConfig, ns), ns.output)
+    print(json.dumps({k: r[k] for k in ("nll", "ppl", "exact_match", "em_records", "records", "answer_tokens") if k in r}))
+
+
+def cmd_run(ns: argparse.Namespace) -> None:
+    from .correct import CorrectConfig
+    from .emulator import EmulatorConfig
+    from .evaluate import EvalConfig
+    from .pipeline import RunConfig, run_pipeline
+    from .train import TrainConfig
+
+    d = RunConfig()
+    emu = dataclasses.replace(d.emulator, ratio=_ratio(ns), samples=ns.samples, seed=ns.seed, device=ns.device, dtype=ns.dtype)
+    tr = dataclasses.replace(d.train, steps=ns.steps, rank=ns.rank, alpha=ns.alpha, lr=ns.lr, batch_size=ns.batch_size,
+                             micro_batch_size=ns.micro_batch_size, seed=ns.seed, device=ns.device, dtype=ns.dtype)
+    co = CorrectConfig(mode=ns.mode, clamp=ns.clamp)
+    ev = dataclasses.replace(d.eval, samples=ns.eval_samples, exact_match=ns.exact_match, device=ns.device, dtype=ns.dtype)
+    assert isinstance(emu, EmulatorConfig) and isinstance(tr, TrainConfig) and isinstance(ev, EvalConfig)
+    run_pipeline(ns.output, RunConfig(ns.base, ns.data, ns.eval_data, emu, tr, co, ev), ns.overwrite)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .correct import CorrectConfig
+    from .emulator import EmulatorConfig
+    from .evaluate import EvalConfig
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="emloc", description="Fine-tune a large model inside its inference memory (EMLoC).")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the final summary")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    b = verb("build", cmd_build, "build an emulator of a base model, calibrated on downstream data")
+    b.add_argument("--base", required=True, help="model folder or packaged model name (e.g. smollm2-135m)")
+    b.add_argument("--data", required=True, help="JSONL downstream data for calibration")
+    b.add_argument("--output", required=True, help="emulator folder to create")
+    b.add_argument("--ratio", default="0.5", help="fraction of each layer's parameters to keep, in (0, 1] (default: 0.5)")
+    b.add_argument("--ratio-table", help="JSON/YAML list of [regex, ratio|skip] rules, first match wins")
+    add_config_flags(b, EmulatorConfig, skip=("ratio",))
+
+    t = verb("train", cmd_train, "train a LoRA adapter on an emulator (or on any model, for comparison)")
+    t.add_argument("--model", required=True, help="emulator folder (or model folder / packaged name)")
+    t.add_argument("--data", required=True, help="JSONL training data")
+    t.add_argument("--eval-data", help="JSONL held-out data (default: hold out --eval-fraction of --data)")
+    t.add_argument("--output", required=True, help="adapter folder to create")
+    add_config_flags(t, TrainConfig)
+
+    c = verb("correct", cmd_correct, "correct an emulator-trained adapter for the original model")
+    c.add_argument("--adapter", required=True, help="adapter trained on the emulator")
+    c.add_argument("--output", required=True, help="corrected adapter folder to create")
+    c.add_argument("--emulator", help="emulator the adapter was trained on (default: from the adapter)")
+    c.add_argument("--base", help="original model (default: from the emulator's manifest)")
+    add_config_flags(c, CorrectConfig)
+
+    m = verb("merge", cmd_merge, "merge an adapter into the original model's weights")
+    m.add_argument("--adapter", required=True, help="corrected adapter (output of `emloc correct`)")
+    m.add_argument("--output", required=True, help="merged model folder to create")
+    m.add_argument("--base", help="original model (default: from the adapter)")
+
+    e = verb("eval", cmd_eval, "held-out answer NLL / perplexity and exact match")
+    e.add_argument("--model", required=True, help="model folder, packaged name or emulator folder")
+    e.add_argument("--data", required=True, help="JSONL held-out data")
+    e.add_argument("--adapter", help="PEFT adapter to apply")
+    e.add_argument("--output", help="JSON file for the results")
+    add_config_flags(e, EvalConfig)
+
+    r = verb("run", cmd_run, "build -> train -> correct -> eval, with a comparison table (no arguments: the embedded demo)")
+    d_tr, d_ev = TrainConfig(steps=100), EvalConfig()
+    r.add_argument("--base", default="smollm2-135m", help="model folder or packaged name (default: smollm2-135m)")
+    r.add_argument("--data", help="JSONL training data (default: the embedded chatterbot-en task)")
+    r.add_argument("--eval-data", help="JSONL held-out data")
+    r.add_argument("--output", default="emloc-run", help="run folder (default: ./emloc-run)")
+    r.add_argument("--ratio", default="0.5", help="fraction of each layer's parameters to keep (default: 0.5)")
+    r.add_argument("--ratio-table", help="JSON/YAML list of [regex, ratio|skip] rules")
+    r.add_argument("--samples", type=int, default=64, help="calibration records (default: 64)")
+    r.add_argument("--steps", type=int, default=d_tr.steps, help=f"training steps (default: {d_tr.steps})")
+    r.add_argument("--rank", type=int, default=d_tr.rank, help=f"LoRA rank (default: {d_tr.rank})")
+    r.add_argument("--alpha", type=float, default=d_tr.alpha, help=f"LoRA alpha (default: {d_tr.alpha})")
+    r.add_argument("--lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    r.add_argument("--batch-size", type=int, default=d_tr.batch_size, help=f"global batch (default: {d_tr.batch_size})")
+    r.add_argument("--micro-batch-size", type=int, default=d_tr.micro_batch_size, help="records per forward pass")
+    r.add_argument("--mode", default="paper", help="correction: paper or none (default: paper)")
+    r.add_argument("--clamp", type=_optional_float, default=3.0, help="clamp L, or none (default: 3)")
+    r.add_argument("--eval-samples", type=int, default=None, help="evaluate at most this many held-out records")
+    r.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=False, help="also greedy exact match")
+    r.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    for sp in (b, t, c, m, e, r):
+        sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `emloc` console script."""
+    parser = make_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="emloc: %(levelname)s: %(message)s")
+    logging.captureWarnings(False)
+    _quiet_libraries()
+    try:
+        ns.fn(ns)
+    except EmlocError as exc:
+        print(f"emloc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emloc: interrupted; no output folder was left half-written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""`emloc run`: build -> train -> correct -> eval, ending with a side-by-side table."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifacts import Stopwatch, check_output_dir, peak_memory_mb, read_manifest, versions, write_json
+from .correct import CorrectConfig, correct_adapter
+from .data import DEFAULT_TASK, default_task
+from .emulator import EmulatorConfig, build_emulator
+from .evaluate import EvalConfig, evaluate
+from .models import resolve_model
+from .train import TrainConfig, train_adapter
+
+log = logging.getLogger("emloc")
+
+
+@dataclass
+class RunConfig:
+    """Settings of `run_pipeline`: one config per stage.
+
+    Attributes:
+        base: model folder or packaged model name.
+        data: JSONL training data (None: the embedded default task).
+        eval_data: JSONL held-out data (None: the default task's held-out split, or 10% of `data`).
+        emulator: settings of the build stage.
+        train: settings of the LoRA stage.
+        correct: settings of the correction stage.
+        eval: settings of the evaluations.
+        compare_emulator_alone: also evaluate the emulator without LoRA.
+    """
+
+    base: str = "smollm2-135m"
+    data: str | None = None
+    eval_data: str | None = None
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, max_length=256, eval_every=0, lr=3e-4))
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_length=256, exact_match=False))
+    compare_emulator_alone: bool = True
+
+
+def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage into `output` and return the results table.
+
+    The folder gets `emulator/`, `adapter/`, `corrected/`, `eval/<row>.json`, `results.json` and
+    `results.md`.
+    """
+    cfg = config or RunConfig()
+    watch = Stopwatch()
+    out = Path(output).expanduser().resolve()
+    check_output_dir(out, overwrite)
+    base = resolve_model(cfg.base)
+    if cfg.data is None:
+        train_file, eval_file = default_task()
+        task = DEFAULT_TASK
+    else:
+        train_file, eval_file = Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
+        task = str(train_file)
+    out.mkdir(parents=True, exist_ok=True)
+    emu = build_emulator(base, train_file, out / "emulator", cfg.emulator, overwrite=True)
+    adapter = train_adapter(emu, train_file, out / "adapter", cfg.train, eval_data=eval_file, overwrite=True)
+    corrected = correct_adapter(adapter, out / "corrected", config=cfg.correct, overwrite=True)
+    held = eval_file or train_file
+    rows_spec = [("zero-shot original", base, None)]
+    if cfg.compare_emulator_alone:
+        rows_spec.append(("emulator, no LoRA", emu, None))
+    rows_spec += [("emulator + LoRA", emu, adapter), ("original + uncorrected LoRA", base, adapter),
+                  ("original + corrected LoRA", base, corrected)]
+    rows = []
+    for name, model, ad in rows_spec:
+        log.info("evaluating: %s", name)
+        slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
+        r = evaluate(model, held, ad, cfg.eval, out / "eval" / f"{slug}.json")
+        rows.append({"row": name, "nll": r["nll"], "ppl": r["ppl"], "exact_match": r.get("exact_match"),
+                     "records": r["records"], "answer_tokens": r["answer_tokens"]})
+    zero = rows[0]["nll"]
+    for r in rows:
+        r["gain_vs_zero_shot"] = zero - r["nll"]
+    emanifest, cmanifest = read_manifest(emu), read_manifest(corrected)
+    result = {
+        "base": str(base), "task": task, "eval_data": str(held), "config": cfg, "rows": rows,
+        "emulator_params": emanifest["params"], "calibration": emanifest["calibration"],
+        "clamped_directions": cmanifest.get("clamped_directions"), "directions": cmanifest.get("directions"),
+        "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
+    }
+    write_json(out / "results.json", result)
+    table = format_table(result)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    print(watch.summary("run", out))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    p = result["emulator_params"]
+    lines = [
+        f"base: {Path(result['base']).name}, task: {result['task']}, emulator: {p['emulator'] / 1e6:.1f}M of "
+        f"{p['base'] / 1e6:.1f}M parameters ({p['emulator'] / p['base']:.0%}); clamp fired in "
+        f"{result['clamped_directions']} of {result['directions']} directions",
+        "",
+        "| row | held-out answer NLL | perplexity | gain vs zero-shot |" + (" exact match |" if any(r["exact_match"] is not None for r in result["rows"]) else ""),
+        "|---|---|---|---|" + ("---|" if any(r["exact_match"] is not None for r in result["rows"]) else ""),
+    ]
+    for r in result["rows"]:
+        em = f" {r['exact_match']:.3f} |" if r["exact_match"] is not None else ""
+        lines.append(f"| {r['row']} | {r['nll']:.4f} | {r['ppl']:.2f} | {r['gain_vs_zero_shot']:+.4f} |{em}")
+    return "\n".join(lines)
