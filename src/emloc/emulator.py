@@ -231,7 +231,8 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
                     used[j], ratio = True, r
                     break
             m, n = lin.out_features, lin.in_features
-            k = rank_for_ratio(m, n, ratio) if ratio is not None else None
+            # ratio 1 keeps the layer as it is (the floor in the formula would otherwise still truncate)
+            k = rank_for_ratio(m, n, ratio) if ratio is not None and ratio < 1 else None
             if k is not None and not saves_parameters(m, n, k):
                 k = None
             plan[full] = {"out_features": m, "in_features": n, "ratio": ratio, "rank": k}

@@ -249,7 +249,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                                      num_items_in_batch=int(n_global))
                     # DDP averages gradients over processes; scale so the result is sum / n_global.
                     accelerator.backward(out.loss * world)
-                loss_sum += float(out.loss)
+                loss_sum += float(out.loss.detach())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

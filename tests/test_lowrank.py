@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from emloc.lowrank import LowRankLinear, factorize, rank_for_ratio, saves_parameters, whitening_factor
+
+
+def correlated_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(tokens, 4, generator=g, dtype=torch.float64)
+    mix = torch.randn(4, n, generator=g, dtype=torch.float64)
+    scales = torch.logspace(1, -2, n, dtype=torch.float64)
+    return latent @ mix + 0.05 * torch.randn(tokens, n, generator=g, dtype=torch.float64) * scales
+
+
+def out_err(w, we, x):
+    return float(torch.linalg.norm(x @ (w - we).T))
+
+
+def test_whitened_svd_beats_plain_svd_on_correlated_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(24, 32, dtype=torch.float64)
+    x = correlated_inputs(512, 32)
+    g = x.T @ x
+    for k in (2, 4, 8):
+        white = factorize(w, g, k)
+        plain = factorize(w, None, k)
+        e_white = out_err(w, white.up @ white.down, x)
+        e_plain = out_err(w, plain.up @ plain.down, x)
+        assert e_white < e_plain, (k, e_white, e_plain)
+        if k >= 4:  # the inputs live near a 4-dim subspace: whitening captures it, plain SVD does not
+            assert e_white < 0.1 * e_plain, (k, e_white, e_plain)
+        # the reported relative error is the measured one
+        rel = e_white**2 / float(torch.linalg.norm(x @ w.T)) ** 2
+        assert white.rel_error == pytest.approx(rel, rel=1e-6, abs=1e-12)
+
+
+def test_full_rank_reconstructs_weight():
+    torch.manual_seed(1)
+    w = torch.randn(12, 20, dtype=torch.float64)
+    x = torch.randn(200, 20, dtype=torch.float64)
+    f = factorize(w, x.T @ x, 12)
+    torch.testing.assert_close(f.up @ f.down, w, atol=1e-9, rtol=1e-9)
+    assert f.rel_error < 1e-20
+
+
+def test_whitening_factor_is_a_square_root_and_inverse_without_general_inverse():
+    x = torch.randn(100, 16, dtype=torch.float64)
+    g = x.T @ x
+    s, s_inv = whitening_factor(g)
+    torch.testing.assert_close(s @ s.T, g, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(s_inv @ s, torch.eye(16, dtype=torch.float64), atol=1e-9, rtol=1e-9)
+
+
+def test_rank_deficient_statistics_stay_finite():
+    x = torch.randn(3, 16, dtype=torch.float64)  # 3 tokens, 16 features: G has rank 3
+    f = factorize(torch.randn(8, 16, dtype=torch.float64), x.T @ x, 4)
+    assert torch.isfinite(f.up).all() and torch.isfinite(f.down).all()
+
+
+@pytest.mark.parametrize("m,n,ratio,k", [(576, 1536, 0.5, 209), (576, 576, 0.5, 144), (576, 192, 0.25, 36), (10, 10, 0.01, 1)])
+def test_rank_follows_ratio_formula(m, n, ratio, k):
+    assert rank_for_ratio(m, n, ratio) == k
+
+
+def test_saves_parameters():
+    assert saves_parameters(576, 576, 287)
+    assert not saves_parameters(576, 576, 288)  # ratio 1 keeps the layer dense
+
+
+def test_lowrank_linear_is_a_linear_that_peft_wraps_with_original_shapes():
+    from peft import LoraConfig, get_peft_model
+
+    layer = LowRankLinear(20, 12, 3, bias=True)
+    for p in (layer.up, layer.down, layer.bias):
+        nn.init.normal_(p)
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().T + layer.bias)
+    assert isinstance(layer, nn.Linear) and "weight" not in layer._parameters  # no dense weight stored
+    net = nn.Sequential()
+    net.add_module("proj", layer)
+    peft = get_peft_model(net, LoraConfig(r=2, target_modules=["proj"]))
+    lora = peft.base_model.model.proj
+    assert lora.lora_A["default"].weight.shape == (2, 20)
+    assert lora.lora_B["default"].weight.shape == (12, 2)
+    torch.testing.assert_close(peft(x), layer(x))  # B starts at zero
