@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .errors import EmlocError
-from .models import WeightStore, resolve_model
+from .models import WeightStore, empty_model, load_config, resolve_model
 
 log = logging.getLogger("emloc")
 
@@ -191,7 +191,8 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     modules = _lora_modules(tensors)
     if not modules:
         raise EmlocError(f"{adapter} holds no LoRA weights")
-    base_store, emu_store = WeightStore(base_dir), WeightStore(emu_dir)
+    skeleton = empty_model(load_config(base_dir))  # meta device: names only, no memory
+    base_store, emu_store = WeightStore(base_dir).align(skeleton), WeightStore(emu_dir)
     prefix = "base_model.model."
     report: dict[str, Any] = {}
     new = dict(tensors)

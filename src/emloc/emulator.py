@@ -213,7 +213,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     model = empty_model(load_config(base_dir))
     model.eval()
     total_params = sum(p.numel() for p in model.parameters())  # meta tensors know their size
-    store = WeightStore(base_dir)
+    store = WeightStore(base_dir).align(model)
     blocks_name, blocks = find_blocks(model)
     prefix = blocks_name + "."
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -15,7 +12,7 @@ from tqdm.auto import tqdm
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
 from .errors import EmlocError
-from .models import copy_tokenizer_files, resolve_model
+from .models import WeightStore, copy_tokenizer_files, empty_model, load_config, resolve_model
 
 
 def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Path, overwrite: bool = False) -> Path:
@@ -50,13 +47,15 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
     pending = {m: None for m in _lora_modules(tensors)}
     prefix = "base_model.model."
     shards = sorted(base_dir.glob("*.safetensors"))
+    renamed = WeightStore(base_dir).align(empty_model(load_config(base_dir))).model_names()
     with staged_output(out_path, overwrite) as tmp:
         for shard in tqdm(shards, desc="merging", unit="shard"):
             with safe_open(shard, "pt") as f:
                 meta = f.metadata() or {"format": "pt"}
                 out = {k: f.get_tensor(k) for k in f.keys()}
             for key in list(out):
-                mod = key[: -len(".weight")] if key.endswith(".weight") else None
+                name = renamed.get(key, key)  # checkpoint names can differ from module names
+                mod = name[: -len(".weight")] if name.endswith(".weight") else None
                 if mod not in pending:
                     continue
                 a = tensors[f"{prefix}{mod}.lora_A.weight"].float()

@@ -189,6 +189,7 @@ class WeightStore:
         self._files: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._open = safe_open
+        self._names: dict[str, str] = {}  # model name -> checkpoint name, where they differ
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             for key, fname in json.loads(index.read_text())["weight_map"].items():
@@ -198,6 +199,33 @@ class WeightStore:
                 with safe_open(p, "pt") as f:
                     for key in f.keys():
                         self._files[key] = p
+
+    def align(self, model: nn.Module) -> "WeightStore":
+        """Also answer to the model's parameter names where the checkpoint uses older names.
+
+        transformers renames some checkpoint keys when loading (e.g. GPT-NeoX's `embed_out` is
+        `lm_head` in the model, or a checkpoint saved without the base-model prefix); the same
+        renaming table is applied here, so every family it loads is read under its model names.
+        """
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming, rename_source_key
+        except ImportError:  # older transformers: checkpoint names are model names
+            return self
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        meta = dict(model.state_dict())
+        prefix = getattr(model, "base_model_prefix", None)
+        for key, path in list(self._files.items()):
+            new, _ = rename_source_key(key, renamings, [], prefix, meta)
+            if new != key and new not in self._files:
+                self._files[new] = path
+                self._names[new] = key
+        return self
+
+    def model_names(self) -> dict[str, str]:
+        """Checkpoint name -> model name, for the keys that `align` renamed."""
+        return {v: k for k, v in self._names.items()}
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -214,7 +242,7 @@ class WeightStore:
         path = self._files[key]
         if path not in self._handles:
             self._handles[path] = self._open(path, "pt")
-        return self._handles[path].get_tensor(key)  # type: ignore[attr-defined]
+        return self._handles[path].get_tensor(self._names.get(key, key))  # type: ignore[attr-defined]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
