@@ -34,6 +34,7 @@ TINY = {
     "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8),
 }
+OTHER = {"gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4)}  # Conv1D blocks: not compressible
 
 
 def make_tokenizer():
@@ -55,7 +56,7 @@ def make_model_dir(path: Path, family: str = "llama", seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = make_tokenizer()
-    kw = dict(TINY[family])
+    kw = dict(TINY.get(family) or OTHER[family])
     model_type = kw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=128,
                                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **kw)

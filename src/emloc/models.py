@@ -267,7 +267,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or size > best[0]:
             best = (size, name, mod)
     if best is None:
-        raise EmlocError("found no repeated transformer blocks with nn.Linear layers in this model; emloc cannot compress it")
+        raise EmlocError("found no transformer blocks built of nn.Linear layers in this model (e.g. GPT-2 uses Conv1D); "
+                         "emloc compresses nn.Linear layers only, so use a model whose blocks have them")
     return best[1], best[2]
 
 

