@@ -13,8 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import Stopwatch, peak_memory_mb, to_jsonable, write_json
-from .data import IGNORE, collate, load_examples, sample
+from .data import collate, load_examples, sample
 from .errors import EmlocError
+from .loss import answer_nll
 
 
 @dataclass
@@ -98,12 +99,9 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(examples), cfg.batch_size), desc="eval NLL", leave=False):
         b = {k: v.to(device) for k, v in collate(examples[i:i + cfg.batch_size], pad_id).items()}
-        logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        labels = b["labels"][:, 1:]
-        lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
-        keep = labels != IGNORE
-        nll += float(lp[keep].sum())
-        count += int(keep.sum())
+        s, n = answer_nll(net, b["input_ids"], b["attention_mask"], b["labels"])
+        nll += float(s)
+        count += n
     if not math.isfinite(nll):
         raise EmlocError("the evaluated model produced non-finite log-likelihoods; check the model and adapter")
     result: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),

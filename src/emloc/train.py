@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
+from .loss import answer_nll
 from .models import block_linears, find_blocks, parse_device, parse_dtype, resolve_model
 
 log = logging.getLogger("emloc")
@@ -147,11 +148,8 @@ def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(mine), micro):
         b = {k: v.to(device) for k, v in collate(mine[i:i + micro], pad_id).items()}
-        n = answer_tokens(b["labels"])
-        if n == 0:
-            continue
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], num_items_in_batch=n)
-        total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=device)
+        nll, n = answer_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+        total += torch.tensor([float(nll), n], dtype=torch.float64, device=device)
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was)
@@ -245,11 +243,11 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
                 ctx = accelerator.no_sync(peft_model) if j < len(chunks) - 1 else contextlib.nullcontext()
                 with ctx:
-                    out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                                     num_items_in_batch=int(n_global))
+                    nll, _ = answer_nll(peft_model, b["input_ids"], b["attention_mask"], b["labels"])
+                    loss = nll / int(n_global)
                     # DDP averages gradients over processes; scale so the result is sum / n_global.
-                    accelerator.backward(out.loss * world)
-                loss_sum += float(out.loss.detach())
+                    accelerator.backward(loss * world)
+                loss_sum += float(loss.detach())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,88 @@
+"""Answer-token cross-entropy without materialising batch x sequence x vocabulary logits.
+
+The model runs with its output head temporarily replaced by the identity, so its "logits" are the
+final hidden states (B x T x d). Only the positions whose next token carries loss are gathered
+(N x d, N = answer tokens), and the head is applied to them in chunks of `chunk` tokens under
+activation checkpointing: at most chunk x vocabulary logits exist at any time, in the forward and in
+the backward pass. For a chat task this is a few hundred rows instead of B x T; for a 150k
+vocabulary it is what keeps the loss from dominating training memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE
+
+# Config attributes of families that post-process logits after the head (soft-capping, scaling);
+# for them the hidden-state shortcut would be wrong, so the model computes full logits instead.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP and friends
+        model = model.module
+    return model
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output projection, if the hidden-state shortcut is safe for it."""
+    inner = _unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    cfg = getattr(base, "config", None)
+    if cfg is not None and any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in LOGIT_POSTPROCESSING):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):  # absent, or LoRA'd itself
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _identity_head(head: nn.Module) -> Iterator[None]:
+    head.forward = lambda x: x  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def answer_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+               chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over answer tokens, and their count.
+
+    Args:
+        model: a causal LM (possibly PEFT- or DDP-wrapped).
+        input_ids, attention_mask, labels: (B x T); labels are IGNORE where no loss is taken.
+        chunk: tokens per head application.
+
+    Returns:
+        (scalar tensor with grad, number of answer tokens).
+    """
+    y = labels[:, 1:]
+    keep = y != IGNORE
+    n = int(keep.sum())
+    head = output_head(model)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), y[keep], reduction="sum"), n
+    with _identity_head(head):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    h, t = hidden[keep], y[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled()
+    for i in range(0, n, chunk):
+        args = (h[i:i + chunk], head.weight, head.bias, t[i:i + chunk])
+        total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if grad else _ce_sum(*args))
+    return total, n
