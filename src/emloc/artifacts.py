@@ -42,6 +42,7 @@ def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(path, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -67,6 +68,24 @@ def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove temporary folders left for `path` by processes that were killed."""
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .checkpoint import fault_point
 from .errors import EmlocError
 from .models import WeightStore, empty_model, load_config, resolve_model
 
@@ -197,7 +198,8 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     report: dict[str, Any] = {}
     new = dict(tensors)
     if cfg.mode == "paper":
-        for mod in tqdm(modules, desc="correcting LoRA", unit="layer"):
+        for i, mod in enumerate(tqdm(modules, desc="correcting LoRA", unit="layer")):
+            fault_point("correct_layer", i)
             ka, kb = f"{prefix}{mod}.lora_A.weight", f"{prefix}{mod}.lora_B.weight"
             a, b = tensors[ka].to(dtype), tensors[kb].to(dtype)
             w = base_store.get(f"{mod}.weight").to(dtype)
@@ -211,6 +213,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
                            "clamped": res.clamped, "rank": a.shape[0]}
     with staged_output(out_path, overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        fault_point("correct_write", 1)
         acfg["base_model_name_or_path"] = str(base_dir)
         (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
         if (adapter / "README.md").is_file():

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .checkpoint import fault_point
 from .data import load_examples, read_jsonl, sample
 from .errors import EmlocError
 from .lowrank import EIG_FLOOR, LowRankLinear, factorize, rank_for_ratio, saves_parameters
@@ -321,6 +322,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             bar.set_postfix(max_rel_err=f"{max(errs):.3g}" if errs else "-")
             to_meta(block)
             del tensors
+            fault_point("build_block", i + 1)
 
         rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
+from .checkpoint import fault_point
 from .errors import EmlocError
 from .models import WeightStore, copy_tokenizer_files, empty_model, load_config, resolve_model
 
@@ -65,6 +66,7 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
                 del pending[mod]
             save_file(out, tmp / shard.name, metadata=meta)
             del out
+            fault_point("merge_shard", shards.index(shard) + 1)
         if pending:
             raise EmlocError(f"the adapter targets {next(iter(pending))}, which {base_dir} does not have; pass the right --base")
         for name in ("config.json", "model.safetensors.index.json"):

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
 from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
@@ -60,6 +62,8 @@ class TrainConfig:
         eval_every: steps between eval-loss measurements (0: only at the end).
         eval_samples: at most this many held-out records are used for eval loss.
         seed: seed of LoRA init and data order.
+        save_every: write a checkpoint (adapter, optimizer, scheduler, step) every N steps (0: never).
+        resume: continue from the checkpoint next to the output folder, if there is one.
         device: auto, cpu, cuda (ignored under `accelerate launch`, which decides).
         dtype: dtype of the frozen weights (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32.
     """
@@ -83,6 +87,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_samples: int = 256
     seed: int = 0
+    save_every: int = 0
+    resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
 
@@ -173,7 +179,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
         The adapter folder.
     """
     from accelerate import Accelerator
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoTokenizer
 
     cfg = config or TrainConfig()
@@ -228,11 +234,25 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
 
     log_rows: list[dict[str, Any]] = []
     out_path = Path(output).expanduser().resolve()
+    ckpt = checkpoint_dir(out_path)
+    key = config_key(cfg, fingerprint(model_dir), str(Path(data).expanduser().resolve()))
+    start = 0
+    if cfg.resume:
+        state = load_checkpoint(ckpt, key)
+        if state is None:
+            log.warning("no checkpoint in %s; starting from step 0", ckpt)
+        else:
+            set_peft_model_state_dict(accelerator.unwrap_model(peft_model), state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            start, log_rows = state["step"], state["log"]
+            log.info("resuming from step %d of %d (%s)", start, steps, ckpt)
     # Only the main process publishes the folder; the others write nowhere.
     target = staged_output(out_path, overwrite) if main else tempfile.TemporaryDirectory()
     with target as tmp:
         tmp = Path(tmp)
-        bar = tqdm(range(steps), desc="training LoRA", unit="step", disable=not main)
+        bar = tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps)
         for step in bar:
             batch = [train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
             mine = batch[accelerator.process_index::world]
@@ -261,6 +281,12 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
             if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 row["eval_loss"] = round(eval_loss(peft_model, held, micro, pad_id, device, accelerator), 6)
             log_rows.append(row)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                if main:
+                    save_checkpoint(ckpt, key, step + 1, log_rows, get_peft_model_state_dict(accelerator.unwrap_model(peft_model)),
+                                    optimizer, scheduler)
+                accelerator.wait_for_everyone()
+            fault_point("train_step", step + 1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
 
         accelerator.wait_for_everyone()
@@ -290,6 +316,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
             write_json(tmp / MANIFEST, manifest)
         accelerator.wait_for_everyone()
     if main:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the finished adapter supersedes it
         print(watch.summary("train", out_path))
     return out_path
 
