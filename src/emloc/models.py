@@ -285,8 +285,6 @@ def materialize(module: nn.Module, prefix: str, store: WeightStore, device: torc
 
     Floating tensors are cast to `dtype`. Parameters for which `keep(name)` is false stay as they are.
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     for name, p in list(module.named_parameters()):
         full = f"{prefix}{name}"
         if not keep(full):
@@ -294,7 +292,9 @@ def materialize(module: nn.Module, prefix: str, store: WeightStore, device: torc
         t = store.get(full)
         if t.is_floating_point():
             t = t.to(dtype)
-        set_module_tensor_to_device(module, name, device, value=t)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=p.requires_grad)
 
 
 def to_meta(module: nn.Module) -> None:
