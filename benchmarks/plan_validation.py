@@ -10,12 +10,22 @@ Scenarios:
     lora       LoRA r=8 on all 7 projections, AdamW, 2 steps, no gradient checkpointing.
     lora_ckpt  the same with gradient checkpointing (non-reentrant, as emloc.train does).
     emloc_0.5  the same as `lora` on an emulator-shaped model at ratio 0.5 (random factors: memory only).
+    lora_chunked  `lora` with emloc's own loss (emloc.loss.answer_nll, 128-token head chunks) instead
+               of `labels=` (full B x T x V logits), as `emloc train` computes it.
+    factorize_wide / factorize_tall  `emloc.lowrank.factorize` of one random float64 layer (768 x 3072
+               and 3072 x 768) with a random Gram: the SVD workspace that dominates `emloc build`.
+
+Every scenario but `imports` also runs as `<name>+mmap`, with MALLOC_MMAP_THRESHOLD_=131072: glibc
+then returns every freed tensor to the OS, so the peak RSS is the peak of live tensors, which is what
+`predict` models; the default glibc keeps freed heap blocks, which `predict` adds on cpu as
+CPU_ALLOCATOR_SLACK x one forward's block activations (calibrated on these measurements).
 
 The batch mimics emloc's collate: half the rows are right-padded by 32 tokens (mask 0, label -100),
 so attention runs with a padding mask as in real training.
 
 Usage:
-    python benchmarks/plan_validation.py [--model DIR] [--json OUT.json] [--only lora,inference]
+    python benchmarks/plan_validation.py [--model DIR] [--json OUT.json] [--only lora,lora+mmap]
+    python benchmarks/plan_validation.py --from-json OUT.json   # compare earlier measurements again
 """
 
 from __future__ import annotations
@@ -30,7 +40,10 @@ import time
 from pathlib import Path
 
 MODEL = Path("~/.cache/emloc/models/smollm2-135m").expanduser()
-SCENARIOS = ("imports", "inference", "lora", "lora_ckpt", "emloc_0.5")
+SCENARIOS = ("imports", "inference", "lora", "lora_ckpt", "emloc_0.5", "lora_chunked")
+LOSS_CHUNK = 128  # lora_chunked: emloc.loss.answer_nll with this chunk
+# one layer's whitened SVD in float64 (emloc build's dominant term): (m out, n in)
+FACTORIZE = {"factorize_wide": (768, 3072), "factorize_tall": (3072, 768)}
 MMAP_SUFFIX = "+mmap"  # same scenario with MALLOC_MMAP_THRESHOLD_=131072 (no glibc heap retention)
 BATCH, SEQ, RANK = 8, 128, 8
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,7 +104,19 @@ def child(scenario: str, folder: Path) -> dict:
 
     out: dict = {"scenario": scenario, "rss_after_imports": _rss_now()}
     t0 = time.time()
-    if scenario != "imports":
+    if scenario in FACTORIZE:
+        from emloc.lowrank import factorize
+
+        m, n = FACTORIZE[scenario]
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, dtype=torch.float64, generator=g)
+        gram = a @ a.T
+        del a
+        w = torch.randn(m, n, dtype=torch.float64, generator=g)
+        out["rss_before"] = _rss_now()
+        factorize(w, gram, rank_for := max(1, m * n // (2 * (m + n))))
+        out["rank"] = rank_for
+    elif scenario != "imports":
         if scenario.startswith("emloc_"):
             model = _emulator_model(folder, float(scenario.split("_")[1]))
         else:
@@ -117,8 +142,16 @@ def child(scenario: str, folder: Path) -> dict:
             opt = torch.optim.AdamW(trainable, lr=1e-4)
             net.train()
             for _ in range(2):
-                loss = net(input_ids=ids, attention_mask=mask, labels=labels).loss
-                loss.backward()
+                if scenario == "lora_chunked":
+                    from emloc.loss import answer_nll
+
+                    nll, n = answer_nll(net, ids, mask, labels, chunk=LOSS_CHUNK)
+                    (nll / n).backward()
+                    loss = (nll / n).detach()
+                else:  # the output (and so the logits) stays alive through backward
+                    out_ = net(input_ids=ids, attention_mask=mask, labels=labels)
+                    out_.loss.backward()
+                    loss = out_.loss.detach()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             out["loss"] = float(loss)
@@ -148,21 +181,46 @@ def measure(scenarios: list[str], folder: Path) -> dict[str, dict]:
 def compare(results: dict[str, dict], folder: Path) -> str:
     from emloc.plan import PlanConfig, predict
 
-    def plan(ckpt: bool):
+    def plan(ckpt: bool, chunk: int | None = None):
         return predict(folder, PlanConfig(batch=BATCH, seq_len=SEQ, rank=RANK, dtype="fp32", device="cpu",
-                                          gradient_checkpointing=ckpt, ratios=(1.0, 0.5)))
+                                          gradient_checkpointing=ckpt, ratios=(1.0, 0.5), loss_chunk=chunk))
 
     p, pc = plan(False), plan(True)
-    predicted = {"imports": p.overhead, "inference": p.inference.total, "lora": p.lora_training.total,
-                 "lora_ckpt": pc.lora_training.total, "emloc_0.5": p.training_at(0.5).total}
-    rows = ["| scenario | predicted GiB | measured peak RSS GiB | predicted / measured |", "|---|---|---|---|"]
-    for s, r in results.items():
-        pr, me = predicted[s], r["peak_rss"]
-        rows.append(f"| {s} | {pr / 2**30:.3f} | {me / 2**30:.3f} | {pr / me:.2f} |")
-    if "emloc_0.5" in results:
-        rows.append(f"\nemulator params: predicted {p.training_at(0.5).params:,}, built {results['emloc_0.5']['params']:,}")
-    if "lora" in results:
-        rows.append(f"LoRA params: predicted {p.lora_params:,}, PEFT {results['lora']['lora_params']:,}")
+    est = {"inference": p.inference, "lora": p.lora_training, "lora_ckpt": pc.lora_training,
+           "emloc_0.5": p.training_at(0.5), "lora_chunked": plan(False, LOSS_CHUNK).lora_training}
+
+    def g(x: float | None) -> str:
+        return "-" if x is None else f"{x / 2**30:.3f}"
+
+    rows = ["| scenario | predicted live | measured, MALLOC_MMAP_THRESHOLD_=131072 | predicted incl. slack "
+            "| measured, default glibc | predicted / measured (default) |", "|---|---:|---:|---:|---:|---:|"]
+    for s in SCENARIOS:
+        mmap = results.get(s + MMAP_SUFFIX, {}).get("peak_rss")
+        plain = results.get(s, {}).get("peak_rss")
+        if mmap is None and plain is None:
+            continue
+        if s == "imports":
+            live = full = p.overhead
+        else:
+            full = est[s].total
+            live = full - est[s].parts.get("allocator slack", 0)
+        ratio = f"{full / plain:.2f}" if plain else "-"
+        rows.append(f"| {s} | {g(live)} | {g(mmap)} | {g(full)} | {g(plain)} | {ratio} |")
+    from emloc.plan import svd_workspace
+
+    for s, (m, n) in FACTORIZE.items():
+        r = results.get(s + MMAP_SUFFIX)
+        if r:  # the Gram and W are resident before the call; svd_workspace counts W, not the Gram
+            pred = svd_workspace(m, n, 8) - m * n * 8
+            rows.append(f"| {s} {m}x{n}, extra over W and G | {g(pred)} | {g(r['peak_rss'] - r['rss_before'])} "
+                        f"| - | - | - |")
+    rows.append("\n(GiB = 2^30 bytes; 'live' = tensors + runtime overhead, 'slack' = CPU_ALLOCATOR_SLACK x L x BT x A)")
+    emu = results.get("emloc_0.5") or results.get("emloc_0.5" + MMAP_SUFFIX)
+    if emu:
+        rows.append(f"emulator params at 0.5: predicted {p.training_at(0.5).params:,}, built {emu['params']:,}")
+    lora = results.get("lora") or results.get("lora" + MMAP_SUFFIX)
+    if lora:
+        rows.append(f"LoRA params: predicted {p.lora_params:,}, PEFT {lora['lora_params']:,}")
     return "\n".join(rows)
 
 
@@ -180,7 +238,9 @@ def main() -> None:
     if ns.from_json:
         results = json.loads(ns.from_json.read_text())
     else:
-        results = measure(ns.only.split(",") if ns.only else list(SCENARIOS), ns.model)
+        default = list(SCENARIOS) + [s + MMAP_SUFFIX for s in SCENARIOS if s != "imports"] + \
+            [s + MMAP_SUFFIX for s in FACTORIZE]
+        results = measure(ns.only.split(",") if ns.only else default, ns.model)
     if ns.json:
         ns.json.write_text(json.dumps(results, indent=2) + "\n")
     print(compare(results, ns.model))

@@ -209,6 +209,8 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
             if not (torch.isfinite(res.lora_A).all() and torch.isfinite(res.lora_B).all()):
                 raise EmlocError(f"the corrected LoRA of {mod} is non-finite; check the adapter and emulator weights")
             new[ka], new[kb] = res.lora_A.float(), res.lora_B.float()
+            base_store.release()
+            emu_store.release()
             report[mod] = {"scaling": s, "correction_norm": res.correction_norm, "lora_norm": res.lora_norm,
                            "clamped": res.clamped, "rank": a.shape[0]}
     with staged_output(out_path, overwrite) as tmp:

@@ -249,6 +249,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
 
     # Everything outside the blocks (embeddings, final norm, head) is loaded once.
     materialize(model, "", store, device, dtype, keep=lambda name: not name.startswith(prefix))
+    store.release()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     inputs = _capture_block_inputs(model, blocks[0], ids, device)
@@ -321,6 +322,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             errs = [layers[k]["rel_error"] for k in layers if k.startswith(bprefix)]
             bar.set_postfix(max_rel_err=f"{max(errs):.3g}" if errs else "-")
             to_meta(block)
+            store.release()
             del tensors
             fault_point("build_block", i + 1)
 

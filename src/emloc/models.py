@@ -223,6 +223,14 @@ class WeightStore:
                 self._names[new] = key
         return self
 
+    def release(self) -> None:
+        """Close the memory maps of the files read so far.
+
+        Pages of a memory-mapped file that were read count in the process's resident memory until
+        the map is closed; releasing after each block keeps a streaming pass at one block's worth.
+        """
+        self._handles.clear()
+
     def model_names(self) -> dict[str, str]:
         """Checkpoint name -> model name, for the keys that `align` renamed."""
         return {v: k for k, v in self._names.items()}

@@ -1,0 +1,194 @@
+"""emloc.plan: memory predictions from a config alone (no weights are read or built)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emloc import EmlocError
+from emloc.plan import (CPU_OVERHEAD, DEFAULT_RATIOS, GIB, Plan, PlanConfig, emulator_params, format_plan,
+                        layer_ranks, model_shape, parse_size, predict)
+
+from .conftest import TINY, make_data
+
+
+@pytest.fixture(scope="module")
+def big_shape():
+    """A Qwen2.5-32B-shaped config (the paper's ~38B-on-24GB class), as a config object only."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                      num_key_value_heads=8, vocab_size=152064)
+    return model_shape(cfg)
+
+
+def _tiny_config():
+    from transformers import AutoConfig
+
+    kw = dict(TINY["llama"])
+    return AutoConfig.for_model(kw.pop("model_type"), vocab_size=100, max_position_embeddings=128, **kw)
+
+
+def _best_by_brute_force(plan: Plan) -> float | None:
+    fitting = [r for r in plan.training if not plan.shortfall(r)]
+    return max(fitting) if fitting else None
+
+
+def test_big_model_shape_from_config_alone(big_shape, tmp_path):
+    assert big_shape.layers == 64 and big_shape.hidden == 5120 and big_shape.kv_dim == 8 * 128
+    assert 32.5e9 < big_shape.total_params < 33e9  # Qwen2.5-32B has 32.76 B parameters
+    assert len(big_shape.linears) == 64 * 7
+    # a folder holding only config.json is enough
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100).save_pretrained(tmp_path)
+    small = model_shape(tmp_path)
+    assert small.layers == 2 and small.shard_bytes is None
+
+
+def test_memory_orderings(big_shape):
+    plan = predict(big_shape, PlanConfig(budget=24 * GIB))
+    ratios = sorted(plan.training)
+    assert ratios == sorted(DEFAULT_RATIOS)
+    totals = [plan.training[r].total for r in ratios]
+    assert all(a < b for a, b in zip(totals, totals[1:])), "EMLoC training memory must grow with the ratio"
+    params = [plan.training[r].params for r in ratios]
+    assert all(a < b for a, b in zip(params, params[1:]))
+    assert plan.training[1.0].total == plan.lora_training.total
+    assert plan.lora_training.total > plan.inference.total
+    assert 55 * GIB < plan.inference.total < 75 * GIB  # bf16 weights alone are ~61 GB
+    # gradient checkpointing saves memory; fp32 costs more than bf16
+    no_ckpt = predict(big_shape, PlanConfig(gradient_checkpointing=False))
+    assert no_ckpt.lora_training.total > plan.lora_training.total
+    assert predict(big_shape, PlanConfig(dtype="fp32")).inference.total > plan.inference.total
+    # emloc's chunked answer loss vs full B x T x V logits (152k vocabulary: 2048 x 152064 x 14 bytes)
+    full = predict(big_shape, PlanConfig(loss_chunk=None)).lora_training
+    assert full.parts["logits+loss"] == 2048 * 152064 * 14 > plan.lora_training.parts["logits+loss"]
+
+
+def test_recommendation_is_largest_fitting_ratio(big_shape):
+    # float64 statistics: whitening the 27648-wide down_proj alone needs ~29 GB, so nothing fits 24 GB
+    plan = predict(big_shape, PlanConfig(budget=24 * GIB))
+    rec = plan.recommend()
+    assert rec.ratio is None and _best_by_brute_force(plan) is None
+    assert "build" in rec.over and "build" in rec.message and "over" in rec.message
+    assert "inference of the original" in rec.message  # 61 GB of weights do not fit 24 GB either
+    # float32 statistics halve the build; then an emulator fits where plain LoRA does not
+    plan32 = predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32"))
+    rec = plan32.recommend()
+    assert rec.ratio is not None and rec.ratio < 1
+    assert rec.ratio == _best_by_brute_force(plan32)
+    assert all(e.total <= 24 * GIB for e in plan32.stages(rec.ratio) if not e.host)
+    assert all(plan32.shortfall(r) for r in plan32.training if r > rec.ratio)
+    assert "train" in plan32.shortfall(1.0)
+
+
+def test_recommendation_extremes(big_shape):
+    plan = predict(big_shape, PlanConfig())
+    assert plan.recommend().ratio is None and "no memory budget" in plan.recommend().message
+    assert plan.recommend(budget=10_000 * GIB).ratio == 1.0
+    tiny = plan.recommend(budget=GIB)
+    assert tiny.ratio is None and tiny.message.startswith("nothing fits 1.00 GB")
+    assert {"build", "train"} <= set(tiny.over)
+    # host stages are checked only when a host budget is given (cuda), always on cpu
+    assert "merge" not in tiny.over
+    assert "merge" in plan.recommend(budget=GIB, host_budget=GIB).over
+    cpu = predict(big_shape, PlanConfig(device="cpu", budget=GIB)).recommend()
+    assert "merge" in cpu.over and "correct" in cpu.over
+
+
+def test_format_plan(big_shape):
+    text = format_plan(predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32")))
+    assert "| ratio | params | build | train |" in text
+    assert text.count("\n| ") == len(DEFAULT_RATIOS) + 1  # header separator excluded, header + rows
+    assert " GB |" in text and "recommended ratio" in text
+    assert "| yes |" in text and "| no |" in text
+
+
+def test_emulator_param_counts_match_lowrank_model():
+    """Predicted emulator sizes equal those of the model build_emulator makes (LowRankLinear on meta)."""
+    from emloc.emulator import _set_module
+    from emloc.lowrank import LowRankLinear
+    from emloc.models import empty_model
+
+    config = _tiny_config()
+    shape = model_shape(config)
+    for ratio in (1.0, 0.75, 0.5, 0.25, 0.1):
+        model = empty_model(config)
+        for (name, m, n), k in zip(shape.linears, layer_ranks(shape, ratio)):
+            if k is not None:
+                _set_module(model, name, LowRankLinear(n, m, k, model.get_submodule(name).bias is not None, device="meta"))
+        built = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        assert emulator_params(shape, ratio) == built, ratio
+    assert emulator_params(shape, 1.0) == shape.total_params
+    assert all(k is None for k in layer_ranks(shape, 1.0))
+
+
+def test_lora_params_match_peft():
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from emloc.train import TrainConfig, lora_config
+
+    config = _tiny_config()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(model, lora_config(model, TrainConfig(rank=4)))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert predict(config, PlanConfig(rank=4)).lora_params == trainable
+
+
+def test_emulator_counts_match_build_emulator_manifest(tiny_base, tmp_path):
+    import json
+
+    from emloc import EmulatorConfig, build_emulator
+
+    data = make_data(tmp_path / "calib.jsonl", 4)
+    emu = build_emulator(tiny_base, data, tmp_path / "emu", EmulatorConfig(ratio=0.3, samples=2, device="cpu"))
+    manifest = json.loads((emu / "manifest.json").read_text())
+    plan = predict(tiny_base, PlanConfig(ratios=(1.0, 0.3)))
+    assert plan.training_at(0.3).params == manifest["params"]["emulator"]
+    assert plan.training_at(1.0).params == manifest["params"]["base"]
+    assert plan.shape.shard_bytes == max(p.stat().st_size for p in tiny_base.glob("*.safetensors"))
+
+
+def test_cpu_adds_process_overhead():
+    config = _tiny_config()
+    cpu = predict(config, PlanConfig(device="cpu", dtype="fp32"))
+    assert cpu.overhead == CPU_OVERHEAD and cpu.inference.parts["runtime"] == CPU_OVERHEAD
+    assert "allocator slack" in cpu.lora_training.parts
+    assert "allocator slack" not in predict(config, PlanConfig(dtype="fp32")).lora_training.parts
+
+
+@pytest.mark.parametrize("text,expected", [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("24g", 24 * GIB),
+                                           ("512MB", 512 * 2**20), ("1.5T", int(1.5 * 2**40)), ("1000", 1000),
+                                           (77, 77)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("kw,match", [(dict(device="tpu"), "device"), (dict(dtype="int8"), "dtype"),
+                                      (dict(ratios=(1.5,)), "ratios"), (dict(stats_dtype="half"), "stats"),
+                                      (dict(batch=0), "at least 1")])
+def test_bad_settings(kw, match):
+    with pytest.raises(EmlocError, match=match):
+        predict(_tiny_config(), PlanConfig(**kw))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(EmlocError, match="config.json"):
+        predict(tmp_path / "missing")
+    with pytest.raises(EmlocError, match="understood"):
+        parse_size("lots")
+
+
+def test_logit_softcapping_families_use_full_logits():
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, vocab_size=100)
+    shape = model_shape(cfg)
+    assert shape.full_logits and not model_shape(_tiny_config()).full_logits
+    plan = predict(shape, PlanConfig(batch=2, seq_len=64))
+    assert plan.lora_training.parts["logits+loss"] == 2 * 64 * 100 * (2 + 12)
