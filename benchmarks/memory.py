@@ -23,6 +23,8 @@ from pathlib import Path
 
 INFER = """
 import sys, torch
+from emloc.cli import _return_freed_memory
+_return_freed_memory()  # the same allocator setting as the emloc commands it is compared with
 from transformers import AutoModelForCausalLM
 from emloc.models import resolve_model, parse_device, parse_dtype
 dev = parse_device(sys.argv[3]); model = AutoModelForCausalLM.from_pretrained(resolve_model(sys.argv[4]), dtype=parse_dtype(sys.argv[5], dev)).to(dev).eval()
