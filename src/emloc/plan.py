@@ -32,10 +32,12 @@ CPU_OVERHEAD = int(0.39 * GIB)
 # CUDA context, kernels and cuBLAS workspaces outside torch's allocator; typical, not measured here.
 CUDA_OVERHEAD = int(0.5 * GIB)
 # glibc keeps freed heap blocks (tensors under its dynamic mmap threshold, up to 32 MiB) in the
-# process, so a CPU training run's peak RSS exceeds its live tensors. Measured on SmolLM2-135M
-# (benchmarks/plan_validation.py) as a fraction of one forward's block activations L x BT x A:
-# without / with gradient checkpointing. It is ~0 when MALLOC_MMAP_THRESHOLD_=131072 is set.
+# process, so a CPU training run's peak RSS can exceed its live tensors: measured on SmolLM2-135M
+# (benchmarks/plan_validation.py) at 1.3 / 0.65 x L x BT x A without / with checkpointing. The emloc
+# command line sets a fixed 128 KiB mmap threshold (cli._return_freed_memory), which removes it, so
+# the prediction for emloc's own processes carries no slack; use these factors for other processes.
 CPU_ALLOCATOR_SLACK = {False: 1.3, True: 0.65}
+EMLOC_ALLOCATOR_SLACK = 0.0
 SHARD_BYTES = 5 * 10**9  # shard size assumed when only a config is known (Hub checkpoints use <= 5 GB)
 
 
@@ -364,10 +366,11 @@ def _training(shape: ModelShape, cfg: PlanConfig, params: int, lora: int, overhe
       (A = `block_activation_bytes`, the + 1 for the gradients flowing through one block).
     - loss: with full logits (loss_chunk None) BT x V x (w + 12): the logits (kept in the output) and
       three fp32 B x T x V tensors alive together in the loss (log-softmax output, its gradient, the
-      logits' gradient); for large vocabularies this dominates. With emloc's chunked loss the same
-      for c = min(loss_chunk, BT) tokens, c x V x (w + 12), plus the final hidden states BT x d x w
-      (every token assumed to carry loss).
-    - on cpu, glibc heap slack: CPU_ALLOCATOR_SLACK[checkpointing] x L x BT x A.
+      logits' gradient); for large vocabularies this dominates. With emloc's chunked loss, which
+      recomputes each chunk's logits in the backward pass (nothing is kept from the forward), the
+      recomputed fp32 logits and two fp32 gradients for c = min(loss_chunk, BT) tokens,
+      c x V x (4 + 8), plus the final hidden states BT x d x w (every token assumed to carry loss).
+    - on cpu, glibc heap slack: none for emloc's processes (see EMLOC_ALLOCATOR_SLACK).
     """
     w = _dtype_bytes(cfg.dtype)
     tokens = cfg.batch * cfg.seq_len
@@ -379,11 +382,11 @@ def _training(shape: ModelShape, cfg: PlanConfig, params: int, lora: int, overhe
     if cfg.loss_chunk is None or shape.full_logits:
         loss = tokens * shape.vocab * (w + 12)
     else:
-        loss = min(cfg.loss_chunk, tokens) * shape.vocab * (w + 12) + tokens * shape.hidden * w
+        loss = min(cfg.loss_chunk, tokens) * shape.vocab * 12 + tokens * shape.hidden * w
     parts = {"weights": params * w, "lora+grads+adam": lora * 16, "activations": acts, "logits+loss": loss,
              "runtime": overhead}
     if cfg.device == "cpu":
-        parts["allocator slack"] = int(CPU_ALLOCATOR_SLACK[cfg.gradient_checkpointing] * shape.layers * act)
+        parts["allocator slack"] = int(EMLOC_ALLOCATOR_SLACK * shape.layers * act)
     return Estimate(stage, parts, params=params)
 
 
