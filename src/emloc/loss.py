@@ -59,7 +59,7 @@ def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y:
 
 
 def answer_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-               chunk: int = 1024) -> tuple[torch.Tensor, int]:
+               chunk: int = 256) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over answer tokens, and their count.
 
     Args:

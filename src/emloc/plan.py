@@ -52,7 +52,7 @@ class PlanConfig:
         dtype: compute dtype of weights and activations: bf16, fp16 or fp32.
         ratios: candidate compression ratios, tried from the largest; 1.0 means plain LoRA on the original.
         gradient_checkpointing: whether training recomputes block activations in the backward pass.
-        loss_chunk: tokens per output-head application in emloc's answer-token loss (emloc.loss, 1024
+        loss_chunk: tokens per output-head application in emloc's answer-token loss (emloc.loss, 256
             in `emloc train`); None for full B x T x V logits (a model called with `labels=`).
         calibration_samples: calibration records of `emloc build`.
         calibration_len: tokens per calibration record.
@@ -69,7 +69,7 @@ class PlanConfig:
     dtype: str = "bf16"
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     gradient_checkpointing: bool = True
-    loss_chunk: int | None = 1024
+    loss_chunk: int | None = 256
     calibration_samples: int = 64
     calibration_len: int = 512
     budget: int | None = None

@@ -58,6 +58,8 @@ class TrainConfig:
         micro_batch_size: records per forward pass per process (gradient accumulation makes up the rest).
         max_length: tokens per record (longer ones are truncated).
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
+        loss_chunk: answer tokens per output-head application in the loss (chunk x vocabulary fp32
+            logits exist at a time, three times over in the backward pass).
         eval_fraction: share of the training file held out for eval loss when no eval file is given.
         eval_every: steps between eval-loss measurements (0: only at the end).
         eval_samples: at most this many held-out records are used for eval loss.
@@ -83,6 +85,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     max_length: int = 512
     gradient_checkpointing: bool = False
+    loss_chunk: int = 256
     eval_fraction: float = 0.1
     eval_every: int = 50
     eval_samples: int = 256
@@ -145,7 +148,7 @@ def _schedule(optimizer, cfg: TrainConfig, steps: int):
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int, device: torch.device,
-              accelerator=None) -> float:
+              accelerator=None, chunk: int = 256) -> float:
     """Token-weighted mean NLL on the answer tokens of `examples` (sharded over processes)."""
     was = model.training
     model.eval()
@@ -154,7 +157,7 @@ def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(mine), micro):
         b = {k: v.to(device) for k, v in collate(mine[i:i + micro], pad_id).items()}
-        nll, n = answer_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+        nll, n = answer_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunk)
         total += torch.tensor([float(nll), n], dtype=torch.float64, device=device)
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
@@ -263,7 +266,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
                 ctx = accelerator.no_sync(peft_model) if j < len(chunks) - 1 else contextlib.nullcontext()
                 with ctx:
-                    nll, _ = answer_nll(peft_model, b["input_ids"], b["attention_mask"], b["labels"])
+                    nll, _ = answer_nll(peft_model, b["input_ids"], b["attention_mask"], b["labels"], cfg.loss_chunk)
                     loss = nll / int(n_global)
                     # DDP averages gradients over processes; scale so the result is sum / n_global.
                     accelerator.backward(loss * world)
@@ -279,7 +282,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
             last = step + 1 == steps
             if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                row["eval_loss"] = round(eval_loss(peft_model, held, micro, pad_id, device, accelerator), 6)
+                row["eval_loss"] = round(eval_loss(peft_model, held, micro, pad_id, device, accelerator, cfg.loss_chunk), 6)
             log_rows.append(row)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
                 if main:
