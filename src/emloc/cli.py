@@ -173,6 +173,20 @@ def cmd_run(ns: argparse.Namespace) -> None:
     run_pipeline(ns.output, RunConfig(ns.base, ns.data, ns.eval_data, emu, tr, co, ev), ns.overwrite)
 
 
+def cmd_bench(ns: argparse.Namespace) -> None:
+    from .bench import PRESETS, run_bench
+
+    if ns.preset not in PRESETS:
+        raise EmlocError(f"unknown preset {ns.preset!r}; use one of {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(PRESETS[ns.preset], device=ns.device)
+    if ns.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=ns.steps)
+    if ns.data:
+        cfg = dataclasses.replace(cfg, data=ns.data, eval_data=ns.eval_data)
+    out = ns.output or f"bench-{ns.preset}"
+    run_bench(out, cfg, command="emloc " + " ".join(sys.argv[1:]))
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .correct import CorrectConfig
     from .emulator import EmulatorConfig
@@ -233,6 +247,14 @@ def make_parser() -> argparse.ArgumentParser:
     pl.add_argument("--host-budget", help="host memory for correct/merge when --device cuda, e.g. 64GB")
     pl.add_argument("--ratios", help="comma-separated candidate ratios (default: 1,0.75,0.5,0.4,0.3,0.25,0.2,0.15,0.1)")
     add_config_flags(pl, PlanConfig, skip=("ratios", "budget", "host_budget"))
+
+    bn = verb("bench", cmd_bench, "run the side-by-side comparisons (each stage in its own process) and write a report")
+    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen or bigger-in-budget (default: smoke)")
+    bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
+    bn.add_argument("--steps", type=int, help="override the preset's training steps")
+    bn.add_argument("--data", help="JSONL training data (default: the embedded task)")
+    bn.add_argument("--eval-data", help="JSONL held-out data")
+    bn.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     r = verb("run", cmd_run, "build -> train -> correct -> eval, with a comparison table (no arguments: the embedded demo)")
     d_tr, d_ev = TrainConfig(steps=100), EvalConfig()

@@ -1,0 +1,312 @@
+"""`emloc bench`: the paper's comparisons on one base model and task, side by side.
+
+Every training and every evaluation runs in its own process (`python -m emloc.cli`), so each
+stage's peak memory is its own; the figures are read from the manifests and eval files the stages
+write. Artifacts and finished rows are kept under the report folder, so an interrupted bench
+resumes without redoing them. Rows that this version cannot run say so in the report instead of
+being left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .artifacts import Stopwatch, read_manifest, to_jsonable, versions, write_json
+from .errors import EmlocError
+
+log = logging.getLogger("emloc")
+
+
+@dataclass
+class BenchConfig:
+    """Settings of `run_bench`.
+
+    Attributes:
+        base: model folder or packaged model name.
+        data: JSONL training data (None: the embedded default task).
+        eval_data: JSONL held-out data (None: the default task's held-out split).
+        ratios: emulator ratios for the EMLoC rows.
+        steps: training steps of every LoRA row.
+        batch_size: global batch of every LoRA row.
+        lr: learning rate of every LoRA row.
+        rank: LoRA rank.
+        alpha: LoRA alpha.
+        max_length: tokens per record.
+        samples: calibration records of the main EMLoC rows.
+        eval_samples: held-out records evaluated (None: all).
+        seeds: seeds of the main rows (zero-shot, LoRA on the original, EMLoC); ablations use the first.
+        clamps: clamp values for the clamp ablation (None = no clamp).
+        calibration_sizes: calibration sizes for the calibration ablation.
+        plain_svd: add the plain (non-whitened) SVD ablation.
+        sequential: add the sequential-calibration ablation.
+        smaller: a smaller model of the same family to train with LoRA, or None.
+        stats_dtype: float64 or float32 statistics/SVD in the builds.
+        device: auto, cpu or cuda.
+    """
+
+    base: str = "smollm2-135m"
+    data: str | None = None
+    eval_data: str | None = None
+    ratios: tuple[float, ...] = (0.5,)
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 3e-4
+    rank: int = 8
+    alpha: float = 16.0
+    max_length: int = 256
+    samples: int = 64
+    eval_samples: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    clamps: tuple[float | None, ...] = (1.0, 10.0, None)
+    calibration_sizes: tuple[int, ...] = (8, 16, 256)
+    plain_svd: bool = True
+    sequential: bool = True
+    smaller: str | None = None
+    stats_dtype: str = "float64"
+    device: str = "auto"
+
+
+PRESETS: dict[str, BenchConfig] = {
+    "smoke": BenchConfig(steps=2, batch_size=4, samples=8, eval_samples=12, max_length=96, clamps=(None,),
+                         calibration_sizes=(4,), stats_dtype="float32"),
+    "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), calibration_sizes=(8, 16, 256)),
+    "qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5,), steps=150),
+    "bigger-in-budget": BenchConfig(base="qwen2.5-coder-1.5b", ratios=(0.3,), steps=150, smaller="qwen2.5-coder-0.5b",
+                                    clamps=(), calibration_sizes=(), plain_svd=False, sequential=False),
+}
+
+NOT_RUN = {
+    "offsite-tuning (drop middle blocks)": "not implemented in this version",
+    "pruning emulator (LoRAM/UPop style)": "not implemented in this version",
+}
+
+
+class _Runner:
+    """Runs CLI stages in child processes, caching their artifacts under `work`."""
+
+    def __init__(self, work: Path, cfg: BenchConfig) -> None:
+        self.work, self.cfg = work, cfg
+        self.env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+
+    def cli(self, *args: str) -> None:
+        p = subprocess.run([sys.executable, "-m", "emloc.cli", "-q", *args], capture_output=True, text=True, env=self.env)
+        if p.returncode != 0:
+            tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise EmlocError(f"bench stage `emloc {args[0]}` failed: {tail}")
+
+    def dev(self) -> list[str]:
+        return ["--device", self.cfg.device]
+
+    def build(self, name: str, base: str, data: str, ratio: float, samples: int, *extra: str) -> Path:
+        out = self.work / name
+        if read_manifest(out) is None:
+            self.cli("build", "--base", base, "--data", data, "--output", str(out), "--ratio", str(ratio), "--samples",
+                     str(samples), "--max-length", str(self.cfg.max_length), "--stats-dtype", self.cfg.stats_dtype, "--overwrite",
+                     *extra, *self.dev())
+        return out
+
+    def train(self, name: str, model: str, data: str, eval_data: str, seed: int) -> Path:
+        out = self.work / name
+        c = self.cfg
+        if read_manifest(out) is None:
+            self.cli("train", "--model", model, "--data", data, "--eval-data", eval_data, "--output", str(out),
+                     "--steps", str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--rank", str(c.rank),
+                     "--alpha", str(c.alpha), "--max-length", str(c.max_length), "--eval-every", "0", "--eval-samples", "64",
+                     "--seed", str(seed), "--overwrite", *self.dev())
+        return out
+
+    def correct(self, name: str, adapter: Path, clamp: float | None) -> Path:
+        out = self.work / name
+        if read_manifest(out) is None:
+            self.cli("correct", "--adapter", str(adapter), "--output", str(out), "--clamp", "none" if clamp is None else str(clamp),
+                     "--overwrite")
+        return out
+
+    def eval(self, name: str, model: str, eval_data: str, adapter: Path | None = None) -> dict[str, Any]:
+        out = self.work / "eval" / f"{name}.json"
+        if not out.is_file():
+            args = ["eval", "--model", model, "--data", eval_data, "--output", str(out), "--max-length", str(self.cfg.max_length)]
+            if adapter is not None:
+                args += ["--adapter", str(adapter)]
+            if self.cfg.eval_samples:
+                args += ["--samples", str(self.cfg.eval_samples)]
+            self.cli(*args, *self.dev())
+        return json.loads(out.read_text())
+
+
+def _row(method: str, ratio: float | None, seed: int, ev: dict[str, Any], **stages: Path | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": method, "ratio": ratio, "seed": seed, "nll": ev["nll"], "exact_match": ev.get("exact_match"),
+                           "eval_peak_rss_mb": ev.get("peak_rss_mb"), "eval_seconds": ev.get("wall_seconds")}
+    for stage, folder in stages.items():
+        m = read_manifest(folder) if folder is not None else None
+        if not m:
+            continue
+        row[f"{stage}_peak_rss_mb"] = m.get("peak_rss_mb")
+        row[f"{stage}_seconds"] = m.get("wall_seconds")
+        if "peak_cuda_allocated_mb" in m:
+            row[f"{stage}_peak_cuda_mb"] = m["peak_cuda_allocated_mb"]
+        if stage == "train":
+            row.update(trainable_params=m.get("trainable_params"), trained_model_params=m.get("model_params"),
+                       seconds_per_step=m.get("seconds_per_step"))
+        if stage == "correct":
+            row.update(clamped=m.get("clamped_directions"), directions=m.get("directions"))
+    return row
+
+
+def run_bench(output: str | Path, config: BenchConfig | None = None, command: str = "") -> dict[str, Any]:
+    """Run every row of the benchmark into `output` (resuming finished rows) and write the report.
+
+    Returns:
+        The report: {"rows": [...], "config", "versions", ...}; also written as report.json,
+        report.md and quality_vs_memory.png in `output`.
+    """
+    from .data import default_task
+    from .models import resolve_model
+
+    cfg = config or BenchConfig()
+    watch = Stopwatch()
+    out = Path(output).expanduser().resolve()
+    work = out / "work"
+    (work / "eval").mkdir(parents=True, exist_ok=True)
+    rows_dir = out / "rows"
+    rows_dir.mkdir(exist_ok=True)
+    if cfg.data is None:
+        train_f, eval_f = (str(p) for p in default_task())
+    else:
+        train_f, eval_f = cfg.data, cfg.eval_data or cfg.data
+    base = str(resolve_model(cfg.base))
+    r = _Runner(work, cfg)
+    first = cfg.seeds[0]
+    jobs: list[tuple[str, Any]] = []
+    for seed in cfg.seeds:
+        jobs.append((f"zero-shot-s{seed}", lambda s=seed: _row("zero-shot original", None, s, r.eval("zero-shot", base, eval_f))))
+        jobs.append((f"lora-original-s{seed}", lambda s=seed: _row(
+            "LoRA on the original", None, s, r.eval(f"lora-original-s{s}", base, eval_f, r.train(f"lora-original-s{s}", base, train_f, eval_f, s)),
+            train=work / f"lora-original-s{s}")))
+        for ratio in cfg.ratios:
+            def emloc_rows(s=seed, q=ratio) -> list[dict[str, Any]]:
+                emu = r.build(f"emulator-{q}", base, train_f, q, cfg.samples)
+                ad = r.train(f"adapter-{q}-s{s}", str(emu), train_f, eval_f, s)
+                cor = r.correct(f"corrected-{q}-s{s}", ad, 3.0)
+                st = {"build": emu, "train": ad, "correct": cor}
+                return [_row("EMLoC (corrected, L=3)", q, s, r.eval(f"corrected-{q}-s{s}", base, eval_f, cor), **st),
+                        _row("EMLoC uncorrected", q, s, r.eval(f"uncorrected-{q}-s{s}", base, eval_f, ad), build=emu, train=ad),
+                        _row("EMLoC adapter on the emulator", q, s, r.eval(f"on-emulator-{q}-s{s}", str(emu), eval_f, ad),
+                             build=emu, train=ad)]
+            jobs.append((f"emloc-{ratio}-s{seed}", emloc_rows))
+    q = cfg.ratios[0]
+    for clamp in cfg.clamps:
+        name = "none" if clamp is None else f"{clamp:g}"
+        jobs.append((f"clamp-{name}", lambda c=clamp, n=name: _row(
+            f"ablation: clamp L={n}", q, first, r.eval(f"clamp-{n}", base, eval_f, r.correct(f"corrected-{q}-L{n}", r.train(
+                f"adapter-{q}-s{first}", str(r.build(f"emulator-{q}", base, train_f, q, cfg.samples)), train_f, eval_f, first), c)),
+            correct=work / f"corrected-{q}-L{n}")))
+
+    def ablation(tag: str, label: str, samples: int, *flags: str):
+        def go() -> list[dict[str, Any]]:
+            emu = r.build(f"emulator-{q}-{tag}", base, train_f, q, samples, *flags)
+            ad = r.train(f"adapter-{q}-{tag}", str(emu), train_f, eval_f, first)
+            cor = r.correct(f"corrected-{q}-{tag}", ad, 3.0)
+            return [_row(f"ablation: {label}, corrected", q, first, r.eval(f"corrected-{q}-{tag}", base, eval_f, cor),
+                         build=emu, train=ad, correct=cor),
+                    _row(f"ablation: {label}, uncorrected", q, first, r.eval(f"uncorrected-{q}-{tag}", base, eval_f, ad),
+                         build=emu, train=ad)]
+        return go
+    if cfg.plain_svd:
+        jobs.append(("plain-svd", ablation("plain", "plain SVD", cfg.samples, "--no-whiten")))
+    if cfg.sequential:
+        jobs.append(("sequential", ablation("seq", "sequential calibration", cfg.samples, "--sequential")))
+    for n in cfg.calibration_sizes:
+        jobs.append((f"calib-{n}", ablation(f"calib{n}", f"{n} calibration samples", n)))
+    if cfg.smaller:
+        small = str(resolve_model(cfg.smaller))
+        jobs.append(("smaller", lambda: _row(f"LoRA on {cfg.smaller}", None, first, r.eval(
+            "smaller", small, eval_f, r.train("smaller", small, train_f, eval_f, first)), train=work / "smaller")))
+
+    rows: list[dict[str, Any]] = []
+    for name, job in tqdm(jobs, desc="bench rows", unit="row"):
+        f = rows_dir / f"{name}.json"
+        if f.is_file():
+            got = json.loads(f.read_text())
+        else:
+            got = job()
+            got = got if isinstance(got, list) else [got]
+            write_json(f, got)
+        rows += got
+    qlora = "not run: bitsandbytes 4-bit needs a CUDA GPU" if r.cfg.device == "cpu" or not _cuda() else "not implemented in this version"
+    skipped = {**NOT_RUN, "QLoRA (4-bit base)": qlora}
+    report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
+              "not_run": skipped, "versions": versions(), "wall_seconds": round(watch.seconds, 1)}
+    _recovered(rows)
+    write_json(out / "report.json", to_jsonable(report))
+    (out / "report.md").write_text(format_report(report) + "\n")
+    _plot(rows, out / "quality_vs_memory.png")
+    print(watch.summary("bench", out))
+    return report
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _recovered(rows: list[dict[str, Any]]) -> None:
+    """(zero-shot NLL - NLL) / (zero-shot NLL - full LoRA NLL), per seed."""
+    for row in rows:
+        zero = next((x["nll"] for x in rows if x["method"] == "zero-shot original" and x["seed"] == row["seed"]), None)
+        full = next((x["nll"] for x in rows if x["method"] == "LoRA on the original" and x["seed"] == row["seed"]), None)
+        if zero is not None and full is not None and zero != full:
+            row["recovered"] = (zero - row["nll"]) / (zero - full)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"`{report['command']}`" if report["command"] else "", "",
+             f"base: {Path(report['base']).name}, task: {report['task']}, versions: "
+             + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
+             "| method | ratio | seed | held-out NLL | recovered | exact match | trained params | train peak RSS (MB) | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for x in report["rows"]:
+        rec = f"{x['recovered']:.0%}" if x.get("recovered") is not None else "-"
+        em = f"{x['exact_match']:.3f}" if x.get("exact_match") is not None else "-"
+        tp = f"{x['trained_model_params'] / 1e6:.1f}M" if x.get("trained_model_params") else "-"
+        mem = f"{x['train_peak_rss_mb']:.0f}" if x.get("train_peak_rss_mb") else "-"
+        sps = f"{x['seconds_per_step']:.2f}" if x.get("seconds_per_step") else "-"
+        lines.append(f"| {x['method']} | {x['ratio'] if x['ratio'] is not None else '-'} | {x['seed']} | {x['nll']:.4f} | {rec} | "
+                     f"{em} | {tp} | {mem} | {sps} |")
+    lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in report["not_run"].items())]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x in rows:
+        mem = x.get("train_peak_rss_mb")
+        if mem is None or x["seed"] != rows[0]["seed"]:
+            continue
+        ax.scatter(mem, x["nll"])
+        ax.annotate(f"{x['method']}" + (f" {x['ratio']}" if x["ratio"] else ""), (mem, x["nll"]), fontsize=6)
+    zero = next((x["nll"] for x in rows if x["method"] == "zero-shot original"), None)
+    if zero is not None:
+        ax.axhline(zero, ls="--", lw=0.8, color="gray", label="zero-shot")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("training peak RSS (MB)")
+    ax.set_ylabel("held-out answer NLL (lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
