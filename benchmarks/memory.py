@@ -2,8 +2,8 @@
 
     python benchmarks/memory.py --base smollm2-135m --ratios 0.5 0.25 --batch 8 --seq-len 256 --output reports/memory-smollm2
 
-Rows: inference of the original (one forward at batch x seq-len, logits included, as a user runs
-it); LoRA training on the original; and for each ratio the EMLoC stages build, train (on the
+Rows: inference of the original (one forward at batch x seq-len with logits at every position, as
+`model(input_ids)` returns them, and with last-position logits only, as `generate` prefills); LoRA training on the original; and for each ratio the EMLoC stages build, train (on the
 emulator), correct and merge. Training rows use the same batch and sequence length, plain text
 records of exactly seq-len tokens (loss on every token, the worst case for the loss). Peak RSS is
 read by the OS for each process (`/usr/bin/time`-style ru_maxrss of the child); on a GPU the
@@ -30,7 +30,7 @@ from emloc.models import resolve_model, parse_device, parse_dtype
 dev = parse_device(sys.argv[3]); model = AutoModelForCausalLM.from_pretrained(resolve_model(sys.argv[4]), dtype=parse_dtype(sys.argv[5], dev)).to(dev).eval()
 ids = torch.randint(0, model.config.vocab_size, (int(sys.argv[1]), int(sys.argv[2])), device=dev)
 with torch.no_grad():
-    logits = model(input_ids=ids).logits
+    logits = model(input_ids=ids, logits_to_keep=int(sys.argv[6])).logits  # 0: all positions
 print(float(logits[0, 0, 0]))
 """
 
@@ -92,7 +92,10 @@ def main() -> None:
         rows.append({"stage": stage, "ratio": ratio, "peak_rss_mb": round(rss, 1), "wall_seconds": round(wall, 1)})
         print(f"{stage:<28} {'' if ratio is None else ratio:<6} {rss:9.1f} MB {wall:7.1f} s", flush=True)
 
-    add("inference (original)", None, [py, "-c", INFER, str(args.batch), str(args.seq_len), args.device, str(base), args.dtype])
+    infer = [py, "-c", INFER, str(args.batch), str(args.seq_len), args.device, str(base), args.dtype]
+    add("inference (original)", None, infer + ["0"])
+    # generate() computes logits for the last position only during prefill: the leaner reference
+    add("inference, last-token logits", None, infer + ["1"])
     add("LoRA train (original)", None, emloc + ["train", "--model", str(base), "--data", str(data), "--output", str(work / "lora"), *train_flags])
     for r in args.ratios:
         emu, ad, cor, mer = (work / f"{n}-{r}" for n in ("emulator", "adapter", "corrected", "merged"))

