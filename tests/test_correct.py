@@ -84,6 +84,10 @@ def test_corrected_adapter_loads_with_plain_peft_and_merges(tiny_base, tiny_emul
     torch.testing.assert_close(merged_peft, unmerged, atol=1e-4, rtol=1e-4)
     merged_dir = merge_adapter(None, out, tmp_path / "merged")
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged_dir), ids), unmerged, atol=1e-4, rtol=1e-4)
+    # small output shards: the same model, written in several shards with an index
+    sharded = merge_adapter(None, out, tmp_path / "merged-sharded", max_shard_bytes=20_000)
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(sharded), ids), unmerged, atol=1e-4, rtol=1e-4)
     # the input adapter was not modified
     assert json.loads((tiny_adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_emulator)
 

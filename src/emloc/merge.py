@@ -5,21 +5,27 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
-from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
 from .checkpoint import fault_point
+from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
 from .errors import EmlocError
 from .models import WeightStore, copy_tokenizer_files, empty_model, load_config, resolve_model
 
 
-def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+MAX_SHARD_BYTES = 512 * 2**20
+
+
+def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Path, overwrite: bool = False,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `base` with `adapter` merged in: W <- W + s B A, in fp32, then cast back.
 
-    Only one shard of the base is in memory at a time.
+    Tensors are read one at a time and written in output shards of about `max_shard_bytes`, so
+    memory stays at one output shard, whatever the size of the base's own shards.
 
     Args:
         base: the original model (default: the one named in the adapter's manifest or config).
@@ -50,28 +56,48 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
     shards = sorted(base_dir.glob("*.safetensors"))
     renamed = WeightStore(base_dir).align(empty_model(load_config(base_dir))).model_names()
     with staged_output(out_path, overwrite) as tmp:
+        written: list[tuple[Path, list[str]]] = []
+        chunk: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal chunk, size
+            if chunk:
+                path = tmp / f"part-{len(written):05d}.safetensors"
+                save_file(chunk, path, metadata={"format": "pt"})
+                written.append((path, list(chunk)))
+                fault_point("merge_shard", len(written))
+            chunk, size = {}, 0
+
         for shard in tqdm(shards, desc="merging", unit="shard"):
-            with safe_open(shard, "pt") as f:
-                meta = f.metadata() or {"format": "pt"}
-                out = {k: f.get_tensor(k) for k in f.keys()}
-            for key in list(out):
+            f = safe_open(shard, "pt")
+            for key in f.keys():
+                t = f.get_tensor(key)
                 name = renamed.get(key, key)  # checkpoint names can differ from module names
                 mod = name[: -len(".weight")] if name.endswith(".weight") else None
-                if mod not in pending:
-                    continue
-                a = tensors[f"{prefix}{mod}.lora_A.weight"].float()
-                b = tensors[f"{prefix}{mod}.lora_B.weight"].float()
-                w = out[key]
-                out[key] = (w.float() + scaling(acfg, mod, a.shape[0]) * (b @ a)).to(w.dtype)
-                del pending[mod]
-            save_file(out, tmp / shard.name, metadata=meta)
-            del out
-            fault_point("merge_shard", shards.index(shard) + 1)
+                if mod in pending:
+                    a = tensors[f"{prefix}{mod}.lora_A.weight"].float()
+                    b = tensors[f"{prefix}{mod}.lora_B.weight"].float()
+                    t = (t.float() + scaling(acfg, mod, a.shape[0]) * (b @ a)).to(t.dtype)
+                    del pending[mod]
+                chunk[key] = t
+                size += t.numel() * t.element_size()
+                if size >= max_shard_bytes:
+                    flush()
+                    # reopening drops the pages of the memory map read so far from resident memory
+                    f = safe_open(shard, "pt")
+            del f
+        flush()
+        n = len(written)
+        weight_map = {}
+        for i, (path, keys) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(tmp / final)
+            weight_map.update({k: final for k in keys})
+        write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         if pending:
             raise EmlocError(f"the adapter targets {next(iter(pending))}, which {base_dir} does not have; pass the right --base")
-        for name in ("config.json", "model.safetensors.index.json"):
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, tmp / name)
+        shutil.copy2(base_dir / "config.json", tmp / "config.json")
         copy_tokenizer_files(base_dir, tmp)
         write_json(tmp / MANIFEST, {"kind": "merged", "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),
                                     "adapter": str(adapter), "adapter_fingerprint": fingerprint(adapter),
