@@ -17,7 +17,7 @@ from .errors import EmlocError
 from .models import WeightStore, copy_tokenizer_files, empty_model, load_config, resolve_model
 
 
-MAX_SHARD_BYTES = 512 * 2**20
+MAX_SHARD_BYTES = 256 * 2**20
 
 
 def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Path, overwrite: bool = False,
