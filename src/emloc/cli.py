@@ -184,7 +184,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
     if ns.data:
         cfg = dataclasses.replace(cfg, data=ns.data, eval_data=ns.eval_data)
     out = ns.output or f"bench-{ns.preset}"
-    run_bench(out, cfg, command="emloc " + " ".join(sys.argv[1:]))
+    run_bench(out, cfg, command="emloc " + " ".join(ns.argv))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     _return_freed_memory()
     parser = make_parser()
     ns = parser.parse_args(argv)
+    ns.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="emloc: %(levelname)s: %(message)s")
     logging.captureWarnings(False)
     _quiet_libraries()

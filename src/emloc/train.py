@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     target = staged_output(out_path, overwrite) if main else tempfile.TemporaryDirectory()
     with target as tmp:
         tmp = Path(tmp)
+        loop_start = time.perf_counter()
         bar = tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps)
         for step in bar:
             batch = [train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
@@ -313,7 +315,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 "model_params": sum(p.numel() for p in unwrapped.parameters()) - n_trainable,
                 "final_loss": log_rows[-1]["loss"], "final_eval_loss": log_rows[-1].get("eval_loss"),
                 "processes": world,
-                "seconds_per_step": round(watch.seconds / steps, 3),
+                "seconds_per_step": round((time.perf_counter() - loop_start) / max(1, steps - start), 3),
                 "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
             }
             write_json(tmp / MANIFEST, manifest)
