@@ -307,9 +307,12 @@ def _return_freed_memory() -> None:
     try:
         import ctypes
 
+        threshold = int(os.environ.get("EMLOC_MMAP_THRESHOLD", 128 * 1024))
+        if threshold <= 0:  # 0 keeps glibc's defaults
+            return
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large blocks come from mmap, unmapped on free
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: trim the heap top eagerly
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD: blocks above it come from mmap, unmapped on free
+        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD: trim the heap top eagerly
     except (OSError, AttributeError):
         pass
 
