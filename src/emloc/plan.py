@@ -449,17 +449,19 @@ def _host_stages(shape: ModelShape, cfg: PlanConfig, lora: int) -> tuple[Estimat
 
     - correct: the adapter twice in fp32 (input and output), 2 x lora x 4, plus for the largest layer
       W as read and W, W_e and W - W_e in fp32, m n (w + 12).
-    - merge: the largest shard twice (its tensors, and the file's mapped pages while it is read and
-      written), the adapter in fp32, and for the largest layer W as read and the fp32 W, B A and
-      sum, m n (w + 12). The shard is the largest *.safetensors file when a folder is known, else
-      min(5 GB, all weights) but at least the largest tensor, in the checkpoint's dtype.
+    - merge: tensors are read one at a time and written in output shards of `merge.MAX_SHARD_BYTES`
+      (256 MiB); the input map is reopened after each output shard, so two such chunks (the output
+      being filled and the pages read for it), at least the largest tensor, the adapter in fp32,
+      and for the largest layer the fp32 W, B A and sum, m n (w + 12).
     """
     w = _dtype_bytes(cfg.dtype)
     layer = shape.largest_layer * (12 + w)
     correct = Estimate("correct", {"adapter x2": 2 * lora * 4, "one layer": layer, "runtime": CPU_OVERHEAD}, host=True)
+    from .merge import MAX_SHARD_BYTES
+
     wc = shape.checkpoint_bytes or w
-    shard = shape.shard_bytes or max(min(SHARD_BYTES, shape.total_params * wc), shape.largest_tensor * wc)
-    merge = Estimate("merge", {"shard x2": 2 * shard, "adapter": lora * 4, "one layer": shape.largest_layer * (12 + wc),
+    chunk = max(min(MAX_SHARD_BYTES, shape.total_params * wc), shape.largest_tensor * wc)
+    merge = Estimate("merge", {"output chunk x2": 2 * chunk, "adapter": lora * 4, "one layer": shape.largest_layer * (12 + wc),
                                "runtime": CPU_OVERHEAD}, host=True)
     return correct, merge
 
