@@ -88,8 +88,7 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     watch = Stopwatch()
     net = load_for_eval(model, adapter, cfg.device, cfg.dtype)
     device = next(net.parameters()).device
-    tok = AutoTokenizer.from_pretrained(Path(getattr(net, "name_or_path", "") or net.base_model.model.name_or_path)
-                                        if adapter is None else _model_dir(net))
+    tok = AutoTokenizer.from_pretrained(_model_dir(net))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     examples = load_examples(data, tok, cfg.max_length)
     if cfg.samples:

@@ -123,8 +123,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def _convert_packaged(name: str) -> Path:
-    import importlib as _  # noqa: F401  (keeps import local to conversion)
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .artifacts import staged_output
