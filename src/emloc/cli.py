@@ -319,9 +319,10 @@ def _return_freed_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `emloc` console script."""
-    _return_freed_memory()
     parser = make_parser()
     ns = parser.parse_args(argv)
+    if ns.verb != "run":  # `run` chains every stage in one process: a demo, it favours speed
+        _return_freed_memory()
     ns.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="emloc: %(levelname)s: %(message)s")
     logging.captureWarnings(False)
