@@ -129,6 +129,9 @@ def _lora_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _check_adapter(adapter: Path) -> dict[str, Any]:
+    """Validate a LoRA adapter folder that emloc can correct or merge; return its adapter_config."""
+    if not adapter.is_dir():
+        raise EmlocError(f"adapter folder {adapter} does not exist; give a PEFT adapter folder (e.g. the output of `emloc train`)")
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
         raise EmlocError(f"{adapter} is not a PEFT adapter folder (needs adapter_config.json and {ADAPTER_WEIGHTS})")
@@ -168,8 +171,6 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
         raise EmlocError(f"clamp L must be positive (got {cfg.clamp}); use 'none' to disable it")
     watch = Stopwatch()
     adapter = Path(adapter).expanduser().resolve()
-    if not adapter.is_dir():
-        raise EmlocError(f"adapter folder {adapter} does not exist; give the output folder of `emloc train`")
     acfg = _check_adapter(adapter)
     amanifest = read_manifest(adapter) or {}
     emu_dir = Path(emulator or amanifest.get("trained_on") or acfg.get("base_model_name_or_path") or "").expanduser()

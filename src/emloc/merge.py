@@ -38,8 +38,6 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
     """
     watch = Stopwatch()
     adapter = Path(adapter).expanduser().resolve()
-    if not adapter.is_dir():
-        raise EmlocError(f"adapter folder {adapter} does not exist")
     acfg = _check_adapter(adapter)
     amanifest = read_manifest(adapter) or {}
     base_dir = resolve_model(base or amanifest.get("base") or acfg.get("base_model_name_or_path"))
