@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emloc import CorrectConfig, EmlocError, correct_adapter, merge_adapter
-from emloc.correct import correct_layer, scaling
+from emloc.correct import correct_layer, scaling, weighted_correction
 
 
 def setup(seed=0, m=24, n=32, r=4, k=6):
@@ -59,16 +59,95 @@ def test_scaling_handles_alpha_rank_and_rslora():
     assert scaling({"lora_alpha": 16, "alpha_pattern": {"q_proj": 4}}, "m.layers.0.q_proj", 4) == 1.0
 
 
+def correlated_inputs(n=32, tokens=400, seed=3):
+    """Inputs X (tokens x n) with a few strong directions, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 5, generator=g, dtype=torch.float64) @ torch.randn(5, n, generator=g, dtype=torch.float64) * 3
+    return x + 0.05 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("s", [1.0, 4.0, 0.25])
+def test_weighted_residual_is_orthogonal_to_every_lora_feature(s):
+    """After the weighted correction, (corrected original - trained emulator) x is G-orthogonal to A x."""
+    w, w_e, a, b = setup()
+    x = correlated_inputs()
+    g = x.T @ x
+    res = weighted_correction(w, w_e, a, b, s, g, ridge=0.0)
+    torch.testing.assert_close(res.lora_A, a)
+    resid = (w + s * res.lora_B @ a) - (w_e + s * b @ a)
+    assert float((resid @ g @ a.T).abs().max()) < 1e-8 * float((w - w_e).abs().max() * g.abs().max())
+
+
+def test_weighted_equals_paper_exact_when_inputs_are_white():
+    """With G = I the data metric is the Euclidean one: both corrections give the same W + s B A."""
+    w, w_e, a, b = setup(2)
+    s = 2.0
+    paper = correct_layer(w, w_e, a, b, s, clamp=None)
+    weighted = weighted_correction(w, w_e, a, b, s, torch.eye(a.shape[1], dtype=a.dtype), ridge=0.0)
+    torch.testing.assert_close(weighted.lora_B @ weighted.lora_A, paper.lora_B @ paper.lora_A, atol=1e-10, rtol=1e-10)
+
+
+def test_weighted_matches_the_emulator_better_on_the_data_than_paper():
+    """On correlated inputs the weighted correction is the least-squares optimum through A: the paper's
+    (which spans the same input directions) cannot be closer to the trained emulator layer on the data."""
+    w, w_e, a, b = setup(4)
+    x = correlated_inputs()
+    g = x.T @ x
+    s = 2.0
+    target = x @ (w_e + s * b @ a).T
+
+    def err(res):
+        return float((x @ (w + s * res.lora_B @ res.lora_A).T - target).norm())
+    weighted, paper = err(weighted_correction(w, w_e, a, b, s, g, ridge=0.0)), err(correct_layer(w, w_e, a, b, s, clamp=None))
+    uncorrected = float((x @ (w + s * b @ a).T - target).norm())
+    assert weighted < paper and weighted < uncorrected
+
+
+def test_streamed_grams_equal_full_model_hooks(tiny_base, tiny_data):
+    """emloc.stats reads one block at a time; its Grams must equal hooks on the whole loaded model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emloc.models import resolve_model
+    from emloc.stats import calibration_ids, stream_input_grams
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    ids = calibration_ids(tiny_data, tok, samples=6, max_length=64, seed=1)
+    wanted = {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"}
+    streamed = dict(stream_input_grams(resolve_model(tiny_base), ids, wanted, torch.device("cpu"), torch.float32))
+    assert set(streamed) == wanted
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    full = {m: torch.zeros_like(streamed[m]) for m in wanted}
+
+    def acc(m: str, x: torch.Tensor) -> None:  # a forward hook must return None
+        x = x.reshape(-1, x.shape[-1]).double()
+        full[m] += x.T @ x
+    hooks = [model.get_submodule(m).register_forward_hook(lambda _m, a, _o, m=m: acc(m, a[0])) for m in wanted]
+    with torch.no_grad():
+        for i in ids:
+            model(input_ids=torch.tensor([i]))
+    for h in hooks:
+        h.remove()
+    for m in wanted:
+        torch.testing.assert_close(streamed[m], full[m], rtol=1e-5, atol=1e-5 * float(full[m].abs().max()))
+
+
+def test_weighted_mode_needs_its_calibration_data(tiny_adapter, tmp_path):
+    with pytest.raises(EmlocError, match="calibration data"):
+        correct_adapter(tiny_adapter, tmp_path / "c", config=CorrectConfig(calibration=str(tmp_path / "missing.jsonl")))
+    assert not (tmp_path / "c").exists()
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
 
 
-def test_corrected_adapter_loads_with_plain_peft_and_merges(tiny_base, tiny_emulator, tiny_adapter, tmp_path):
+@pytest.mark.parametrize("mode", ["weighted", "paper"])
+def test_corrected_adapter_loads_with_plain_peft_and_merges(tiny_base, tiny_emulator, tiny_adapter, tmp_path, mode):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = correct_adapter(tiny_adapter, tmp_path / "corrected", config=CorrectConfig(clamp=None))
+    out = correct_adapter(tiny_adapter, tmp_path / "corrected", config=CorrectConfig(mode=mode, clamp=None))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_base)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,7 +1,22 @@
 """Stage 3: correct a LoRA trained on an emulator so that it applies to the original model.
 
-Per LoRA'd layer, with W the original weight, W_e the emulator's (W_e = W for a layer left dense)
-and s the LoRA scaling:
+Per LoRA'd layer, with W the original weight, W_e the emulator's (W_e = W for a layer left dense),
+E = W - W_e, and s the LoRA scaling, the adapter B A trained on the emulator becomes B_new A_new:
+
+`weighted` (the default): keep A, and remove from B the least-squares image of the emulator's
+error in the LoRA's input features, measured on the calibration data:
+
+    C = E G A^T (A G A^T)^-1 (m x r),   B_new = B - C / s,   A_new = A,
+
+with G = sum x x^T the Gram matrix of the original layer's inputs on the calibration records
+(recomputed block by block, `emloc.stats`). C A is the rank-r map through the LoRA's features that
+best reproduces E x on the data: after the correction, the original layer's output differs from the
+trained emulator layer's by a residual orthogonal (under G) to every LoRA feature A x. This is the
+paper's correction solved in the metric of the data instead of the Euclidean one: the emulator's
+activation-aware SVD leaves its error where the inputs have little energy, and a Euclidean
+projection (below) copies that large, unused error into the adapter.
+
+`paper` (EMLoC, arXiv 2506.12015, kept as the reference):
 
 1. Orthonormalise A: thin SVD A^T = P Sigma_a Q (P: n x r), so B A = B' P^T with B' = B Q^T Sigma_a.
 2. C = (W - W_e) P (m x r): what the original computes differently from the emulator on the r
@@ -12,9 +27,11 @@ and s the LoRA scaling:
    emulator layer did; outside it the original is untouched.
 4. Clamp (L): per direction j, if mean|C_j / s| > L * mean|B'_j|, scale C_j down to that bound.
 
-Everything is computed in fp32 (fp64 on request) one layer at a time, reading W, the emulator
-factors and the adapter for that layer only. The result is a new, standard PEFT adapter folder for
-the original model.
+`none` re-targets the adapter unchanged (for comparison).
+
+Everything is computed in fp32 (fp64 on request; the Grams in fp64) one layer at a time, reading W,
+the emulator factors and the adapter for that layer only. The result is a new, standard PEFT adapter
+folder for the original model.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,7 +57,7 @@ from .models import WeightStore, empty_model, load_config, resolve_model
 log = logging.getLogger("emloc")
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODES = ("paper", "none")
+MODES = ("weighted", "paper", "none")
 
 
 @dataclass
@@ -47,15 +65,21 @@ class CorrectConfig:
     """Settings of `correct_adapter`.
 
     Attributes:
-        mode: `paper` (the EMLoC correction above) or `none` (re-target the adapter unchanged, for
-            comparison).
-        clamp: L of the clamp, or None for no clamp (the exact correction).
+        mode: `weighted` (activation-weighted least-squares correction, above), `paper` (the EMLoC
+            paper's correction with its clamp) or `none` (re-target the adapter unchanged).
+        clamp: L of the paper's clamp, or None for its exact correction (mode `paper` only).
         dtype: `float32` or `float64` for the computation; the adapter is saved in float32.
+        calibration: JSONL records for the statistics of mode `weighted` (default: the emulator's
+            own calibration file and draw, as recorded in its manifest).
+        device: where mode `weighted` runs the original's blocks on the calibration records (auto:
+            cuda if available).
     """
 
-    mode: str = "paper"
+    mode: str = "weighted"
     clamp: float | None = 3.0
     dtype: str = "float32"
+    calibration: str | None = None
+    device: str = "auto"
 
 
 @dataclass
@@ -112,6 +136,28 @@ def correct_layer(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.
     return LayerCorrection(p.T.contiguous(), (b_prime - c).contiguous(), float(c.norm()), float(b_prime.norm()), clamped)
 
 
+def weighted_correction(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                        gram: torch.Tensor, ridge: float = 1e-8) -> LayerCorrection:
+    """Correct one LoRA layer in the metric of the data (mode `weighted`, see the module docstring).
+
+    Args:
+        w: original weight W (m x n).
+        w_e: emulator weight W_e (m x n).
+        a: lora_A (r x n).
+        b: lora_B (m x r).
+        s: LoRA scaling.
+        gram: G = sum x x^T of the original layer's inputs on the calibration data (n x n).
+        ridge: added to A G A^T as a fraction of its mean diagonal, so that LoRA features the data
+            never excites (A G A^T singular) get no correction instead of an arbitrary one.
+    """
+    g = gram.to(a.dtype)
+    ag = a @ g  # (r x n)
+    agat = ag @ a.T
+    agat = agat + ridge * agat.diagonal().mean().clamp(min=torch.finfo(a.dtype).tiny) * torch.eye(a.shape[0], dtype=a.dtype)
+    c = torch.linalg.solve(agat, ag @ (w - w_e).T).T / s  # (m x r) = E G A^T (A G A^T)^-1 / s
+    return LayerCorrection(a.contiguous(), (b - c).contiguous(), float(c.norm()), float(b.norm()), 0)
+
+
 def _emulator_weight(store: WeightStore, module: str, layer: dict[str, Any] | None, dtype: torch.dtype) -> torch.Tensor:
     if layer is None or layer.get("rank") is None:
         return store.get(f"{module}.weight").to(dtype)
@@ -146,6 +192,38 @@ def _check_adapter(adapter: Path) -> dict[str, Any]:
     if config.get("fan_in_fan_out"):
         raise EmlocError("fan_in_fan_out adapters (Conv1D layers) cannot be corrected; emloc handles nn.Linear layers")
     return config
+
+
+def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir: Path,
+                         modules: list[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(module, Gram) for every LoRA'd layer, block by block, on the emulator's calibration draw.
+
+    Layers the emulator kept dense come first, with None (W_e = W: nothing to correct); then the
+    compressed ones, each with the Gram of the original's inputs to it, as the blocks stream past,
+    so that only one block's Grams are alive at a time.
+    """
+    from transformers import AutoTokenizer
+
+    from .models import parse_device, parse_dtype
+    from .stats import calibration_ids, stream_input_grams
+
+    ecfg = emanifest.get("config", {})
+    data = Path(cfg.calibration or emanifest.get("calibration", {}).get("file", "")).expanduser()
+    if not data.is_file():
+        raise EmlocError(f"calibration data {data} not found; mode `weighted` needs the records the emulator was "
+                         "calibrated on: pass --calibration FILE (or use --mode paper / none)")
+    layers = emanifest["layers"]
+    wanted = {m for m in modules if layers.get(m, {}).get("rank") is not None}
+    yield from ((m, None) for m in modules if m not in wanted)
+    if not wanted:
+        return
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = calibration_ids(data, tok, int(ecfg.get("samples", 64)), int(ecfg.get("max_length", 512)), int(ecfg.get("seed", 0)),
+                          ecfg.get("calibration_tokens"))
+    device = parse_device(cfg.device)
+    stats = {"float64": torch.float64, "float32": torch.float32}[ecfg.get("stats_dtype", "float64")]
+    for m, g in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(ecfg.get("dtype", "auto"), device), stats):
+        yield m, g.to("cpu")
 
 
 def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Path | None = None,
@@ -198,15 +276,26 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     prefix = "base_model.model."
     report: dict[str, Any] = {}
     new = dict(tensors)
-    if cfg.mode == "paper":
-        for i, mod in enumerate(tqdm(modules, desc="correcting LoRA", unit="layer")):
+    work = _weighted_statistics(cfg, emanifest, base_dir, modules) if cfg.mode == "weighted" else ((m, None) for m in modules)
+    if cfg.mode != "none":
+        for i, (mod, gram) in enumerate(tqdm(work, total=len(modules), desc="correcting LoRA", unit="layer")):
             fault_point("correct_layer", i)
             ka, kb = f"{prefix}{mod}.lora_A.weight", f"{prefix}{mod}.lora_B.weight"
             a, b = tensors[ka].to(dtype), tensors[kb].to(dtype)
-            w = base_store.get(f"{mod}.weight").to(dtype)
-            w_e = _emulator_weight(emu_store, mod, emanifest["layers"].get(mod), dtype)
+            layer = emanifest["layers"].get(mod)
             s = scaling(acfg, mod, a.shape[0])
-            res = correct_layer(w, w_e, a, b, s, cfg.clamp)
+            if cfg.mode == "weighted" and gram is None:
+                # a layer the emulator kept dense has W_e = W: nothing to correct
+                report[mod] = {"scaling": s, "correction_norm": 0.0, "lora_norm": float(b.norm()), "clamped": 0,
+                               "rank": a.shape[0]}
+                continue
+            w = base_store.get(f"{mod}.weight").to(dtype)
+            w_e = _emulator_weight(emu_store, mod, layer, dtype)
+            if cfg.mode == "weighted":
+                res = weighted_correction(w, w_e, a, b, s, gram)
+                del gram
+            else:
+                res = correct_layer(w, w_e, a, b, s, cfg.clamp)
             if not (torch.isfinite(res.lora_A).all() and torch.isfinite(res.lora_B).all()):
                 raise EmlocError(f"the corrected LoRA of {mod} is non-finite; check the adapter and emulator weights")
             new[ka], new[kb] = res.lora_A.float(), res.lora_B.float()

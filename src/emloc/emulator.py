@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .checkpoint import fault_point
-from .data import load_examples, read_jsonl, sample
+from .data import read_jsonl
 from .errors import EmlocError
 from .lowrank import EIG_FLOOR, LowRankLinear, factorize, rank_for_ratio, saves_parameters
+from .stats import calibration_ids
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
                      materialize, parse_device, parse_dtype, resolve_model, to_meta)
 
@@ -201,14 +202,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     if len(records) < cfg.samples:
         log.warning("calibration: %d records asked for but %s holds only %d; using all of them", cfg.samples, calibration, len(records))
     del records
-    examples = sample(load_examples(calibration, tok, cfg.max_length), 10**9, cfg.seed)
-    chosen = examples[: cfg.samples]
-    if cfg.calibration_tokens:
-        for e in examples[cfg.samples:]:
-            if sum(len(c.input_ids) for c in chosen) >= cfg.calibration_tokens:
-                break
-            chosen.append(e)
-    ids = [e.input_ids for e in chosen]
+    ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
     n_tokens = sum(len(i) for i in ids)
 
     model = empty_model(load_config(base_dir))

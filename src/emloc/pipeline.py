@@ -69,7 +69,7 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
     if cfg.compare_emulator_alone:
         rows_spec.append(("emulator, no LoRA", emu, None))
     rows_spec += [("emulator + LoRA", emu, adapter), ("original + uncorrected LoRA", base, adapter),
-                  ("original + corrected LoRA", base, corrected)]
+                  (f"original + corrected LoRA ({cfg.correct.mode})", base, corrected)]
     rows = []
     for name, model, ad in rows_spec:
         log.info("evaluating: %s", name)
@@ -99,8 +99,9 @@ def format_table(result: dict[str, Any]) -> str:
     p = result["emulator_params"]
     lines = [
         f"base: {Path(result['base']).name}, task: {result['task']}, emulator: {p['emulator'] / 1e6:.1f}M of "
-        f"{p['base'] / 1e6:.1f}M parameters ({p['emulator'] / p['base']:.0%}); clamp fired in "
-        f"{result['clamped_directions']} of {result['directions']} directions",
+        f"{p['base'] / 1e6:.1f}M parameters ({p['emulator'] / p['base']:.0%})"
+        + (f"; clamp fired in {result['clamped_directions']} of {result['directions']} directions"
+           if result["clamped_directions"] else ""),
         "",
         "| row | held-out answer NLL | perplexity | gain vs zero-shot |" + (" exact match |" if any(r["exact_match"] is not None for r in result["rows"]) else ""),
         "|---|---|---|---|" + ("---|" if any(r["exact_match"] is not None for r in result["rows"]) else ""),
