@@ -51,13 +51,15 @@ def make_tokenizer():
     return tok
 
 
-def make_model_dir(path: Path, family: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny random model of `family` with the word tokenizer into `path`."""
+def make_model_dir(path: Path, family: str = "llama", seed: int = 0, layers: int | None = None) -> Path:
+    """Save a tiny random model of `family` (optionally with `layers` blocks) with the word tokenizer into `path`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = make_tokenizer()
     kw = dict(TINY.get(family) or OTHER[family])
     model_type = kw.pop("model_type")
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
     cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=128,
                                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **kw)
     torch.manual_seed(seed)

@@ -18,12 +18,14 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     assert main(["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
     methods = {r["method"] for r in report["rows"]}
-    for m in ("zero-shot original", "LoRA on the original", "EMLoC (corrected, L=3)", "EMLoC uncorrected",
-              "EMLoC adapter on the emulator", "ablation: clamp L=none", "ablation: plain SVD, corrected",
-              "ablation: sequential calibration, corrected", "ablation: 4 calibration samples, corrected"):
+    for m in ("zero-shot original", "LoRA on the original", "EMLoC (weighted correction)", "EMLoC (paper correction, L=3)",
+              "EMLoC uncorrected", "EMLoC adapter on the emulator", "ablation: paper correction, clamp L=none",
+              "ablation: plain SVD, weighted", "ablation: sequential calibration, weighted",
+              "ablation: 4 calibration samples, weighted", "Offsite-style emulator (layer drop)",
+              "pruning emulator (MLP channels)"):
         assert m in methods, m
     assert "QLoRA (4-bit base)" in report["not_run"]
-    emloc_row = next(r for r in report["rows"] if r["method"] == "EMLoC (corrected, L=3)")
+    emloc_row = next(r for r in report["rows"] if r["method"] == "EMLoC (weighted correction)")
     lora_row = next(r for r in report["rows"] if r["method"] == "LoRA on the original")
     assert emloc_row["trained_model_params"] < lora_row["trained_model_params"]
     assert emloc_row["train_peak_rss_mb"] > 0 and emloc_row["build_peak_rss_mb"] > 0

@@ -32,7 +32,8 @@ class BenchConfig:
 
     Attributes:
         base: model folder or packaged model name.
-        data: JSONL training data (None: the embedded default task).
+        task: embedded task (see `emloc.data.TASKS`) used when `data` is None.
+        data: JSONL training data (None: the embedded `task`).
         eval_data: JSONL held-out data (None: the default task's held-out split).
         ratios: emulator ratios for the EMLoC rows.
         steps: training steps of every LoRA row.
@@ -54,6 +55,7 @@ class BenchConfig:
     """
 
     base: str = "smollm2-135m"
+    task: str = "chatterbot-topic"
     data: str | None = None
     eval_data: str | None = None
     ratios: tuple[float, ...] = (0.5,)
@@ -84,10 +86,8 @@ PRESETS: dict[str, BenchConfig] = {
                                     clamps=(), calibration_sizes=(), plain_svd=False, sequential=False),
 }
 
-NOT_RUN = {
-    "offsite-tuning (drop middle blocks)": "not implemented in this version",
-    "pruning emulator (LoRAM/UPop style)": "not implemented in this version",
-}
+NOT_RUN: dict[str, str] = {}
+BASELINES = {"layer-drop": "Offsite-style emulator (layer drop)", "channel-prune": "pruning emulator (MLP channels)"}
 
 
 class _Runner:
@@ -124,11 +124,11 @@ class _Runner:
                      "--seed", str(seed), "--overwrite", *self.dev())
         return out
 
-    def correct(self, name: str, adapter: Path, clamp: float | None) -> Path:
+    def correct(self, name: str, adapter: Path, clamp: float | None, mode: str = "paper") -> Path:
         out = self.work / name
         if read_manifest(out) is None:
-            self.cli("correct", "--adapter", str(adapter), "--output", str(out), "--clamp", "none" if clamp is None else str(clamp),
-                     "--overwrite")
+            self.cli("correct", "--adapter", str(adapter), "--output", str(out), "--mode", mode,
+                     "--clamp", "none" if clamp is None else str(clamp), "--overwrite", *self.dev())
         return out
 
     def eval(self, name: str, model: str, eval_data: str, adapter: Path | None = None) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     rows_dir = out / "rows"
     rows_dir.mkdir(exist_ok=True)
     if cfg.data is None:
-        train_f, eval_f = (str(p) for p in default_task())
+        train_f, eval_f = (str(p) for p in default_task(cfg.task))
     else:
         train_f, eval_f = cfg.data, cfg.eval_data or cfg.data
     base = str(resolve_model(cfg.base))
@@ -196,18 +196,28 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
             def emloc_rows(s=seed, q=ratio) -> list[dict[str, Any]]:
                 emu = r.build(f"emulator-{q}", base, train_f, q, cfg.samples)
                 ad = r.train(f"adapter-{q}-s{s}", str(emu), train_f, eval_f, s)
+                wc = r.correct(f"weighted-{q}-s{s}", ad, None, "weighted")
                 cor = r.correct(f"corrected-{q}-s{s}", ad, 3.0)
-                st = {"build": emu, "train": ad, "correct": cor}
-                return [_row("EMLoC (corrected, L=3)", q, s, r.eval(f"corrected-{q}-s{s}", base, eval_f, cor), **st),
+                st = {"build": emu, "train": ad}
+                return [_row("EMLoC (weighted correction)", q, s, r.eval(f"weighted-{q}-s{s}", base, eval_f, wc), correct=wc, **st),
+                        _row("EMLoC (paper correction, L=3)", q, s, r.eval(f"corrected-{q}-s{s}", base, eval_f, cor), correct=cor, **st),
                         _row("EMLoC uncorrected", q, s, r.eval(f"uncorrected-{q}-s{s}", base, eval_f, ad), build=emu, train=ad),
                         _row("EMLoC adapter on the emulator", q, s, r.eval(f"on-emulator-{q}-s{s}", str(emu), eval_f, ad),
                              build=emu, train=ad)]
             jobs.append((f"emloc-{ratio}-s{seed}", emloc_rows))
+    for ratio in cfg.ratios:
+        for method, label in BASELINES.items():
+            def baseline(q=ratio, method=method, label=label) -> dict[str, Any]:
+                emu = r.build(f"{method}-{q}", base, train_f, q, cfg.samples, "--method", method)
+                ad = r.train(f"adapter-{method}-{q}", str(emu), train_f, eval_f, first)
+                mapped = r.correct(f"mapped-{method}-{q}", ad, None, "none")
+                return _row(label, q, first, r.eval(f"{method}-{q}", base, eval_f, mapped), build=emu, train=ad, correct=mapped)
+            jobs.append((f"{method}-{ratio}", baseline))
     q = cfg.ratios[0]
     for clamp in cfg.clamps:
         name = "none" if clamp is None else f"{clamp:g}"
         jobs.append((f"clamp-{name}", lambda c=clamp, n=name: _row(
-            f"ablation: clamp L={n}", q, first, r.eval(f"clamp-{n}", base, eval_f, r.correct(f"corrected-{q}-L{n}", r.train(
+            f"ablation: paper correction, clamp L={n}", q, first, r.eval(f"clamp-{n}", base, eval_f, r.correct(f"corrected-{q}-L{n}", r.train(
                 f"adapter-{q}-s{first}", str(r.build(f"emulator-{q}", base, train_f, q, cfg.samples)), train_f, eval_f, first), c)),
             correct=work / f"corrected-{q}-L{n}")))
 
@@ -215,8 +225,8 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         def go() -> list[dict[str, Any]]:
             emu = r.build(f"emulator-{q}-{tag}", base, train_f, q, samples, *flags)
             ad = r.train(f"adapter-{q}-{tag}", str(emu), train_f, eval_f, first)
-            cor = r.correct(f"corrected-{q}-{tag}", ad, 3.0)
-            return [_row(f"ablation: {label}, corrected", q, first, r.eval(f"corrected-{q}-{tag}", base, eval_f, cor),
+            cor = r.correct(f"weighted-{q}-{tag}", ad, None, "weighted")
+            return [_row(f"ablation: {label}, weighted", q, first, r.eval(f"weighted-{q}-{tag}", base, eval_f, cor),
                          build=emu, train=ad, correct=cor),
                     _row(f"ablation: {label}, uncorrected", q, first, r.eval(f"uncorrected-{q}-{tag}", base, eval_f, ad),
                          build=emu, train=ad)]

@@ -170,7 +170,7 @@ def cmd_run(ns: argparse.Namespace) -> None:
     co = CorrectConfig(mode=ns.mode, clamp=ns.clamp)
     ev = dataclasses.replace(d.eval, samples=ns.eval_samples, exact_match=ns.exact_match, device=ns.device, dtype=ns.dtype)
     assert isinstance(emu, EmulatorConfig) and isinstance(tr, TrainConfig) and isinstance(ev, EvalConfig)
-    run_pipeline(ns.output, RunConfig(ns.base, ns.data, ns.eval_data, emu, tr, co, ev), ns.overwrite)
+    run_pipeline(ns.output, RunConfig(ns.base, ns.data, ns.eval_data, emu, tr, co, ev, task=ns.task), ns.overwrite)
 
 
 def cmd_bench(ns: argparse.Namespace) -> None:
@@ -181,6 +181,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
     cfg = dataclasses.replace(PRESETS[ns.preset], device=ns.device)
     if ns.steps is not None:
         cfg = dataclasses.replace(cfg, steps=ns.steps)
+    if ns.task:
+        cfg = dataclasses.replace(cfg, task=ns.task)
     if ns.data:
         cfg = dataclasses.replace(cfg, data=ns.data, eval_data=ns.eval_data)
     out = ns.output or f"bench-{ns.preset}"
@@ -252,6 +254,8 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--preset", default="smoke", help="smoke, small, qwen or bigger-in-budget (default: smoke)")
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
+    bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match) or chatterbot-en "
+                    "(default: the preset's)")
     bn.add_argument("--data", help="JSONL training data (default: the embedded task)")
     bn.add_argument("--eval-data", help="JSONL held-out data")
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -259,7 +263,9 @@ def make_parser() -> argparse.ArgumentParser:
     r = verb("run", cmd_run, "build -> train -> correct -> eval, with a comparison table (no arguments: the embedded demo)")
     d_tr, d_ev = TrainConfig(steps=100), EvalConfig()
     r.add_argument("--base", default="smollm2-135m", help="model folder or packaged name (default: smollm2-135m)")
-    r.add_argument("--data", help="JSONL training data (default: the embedded chatterbot-en task)")
+    r.add_argument("--task", default="chatterbot-en", help="embedded task when --data is not given: chatterbot-en "
+                   "(default) or chatterbot-topic")
+    r.add_argument("--data", help="JSONL training data (default: the embedded --task)")
     r.add_argument("--eval-data", help="JSONL held-out data")
     r.add_argument("--output", default="emloc-run", help="run folder (default: ./emloc-run)")
     r.add_argument("--ratio", default="0.5", help="fraction of each layer's parameters to keep (default: 0.5)")

@@ -266,6 +266,10 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     if out_path in (adapter, emu_dir.resolve(), base_dir):
         raise EmlocError("the output folder is one of the inputs; choose a new folder")
 
+    method = emanifest.get("method", "svd")
+    if method != "svd" and cfg.mode != "none":
+        raise EmlocError(f"{emu_dir} is a {method} emulator; its adapters are mapped onto the original without "
+                         "correction: use --mode none")
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     modules = _lora_modules(tensors)
@@ -303,6 +307,10 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
             emu_store.release()
             report[mod] = {"scaling": s, "correction_norm": res.correction_norm, "lora_norm": res.lora_norm,
                            "clamped": res.clamped, "rank": a.shape[0]}
+    if method != "svd":
+        from .baselines import to_original
+
+        new = to_original(new, emanifest)
     with staged_output(out_path, overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         fault_point("correct_write", 1)

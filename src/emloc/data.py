@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,47 +182,73 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded default task: English chatterbot-corpus conversations, fixed held-out split.
+# Embedded tasks from the English chatterbot corpus (pip install chatterbot-corpus), fixed splits.
 
 DEFAULT_TASK = "chatterbot-en"
+TASKS = {
+    "chatterbot-en": "answer in the style of the corpus (2-4 turn Q/A conversations on trivia, science, "
+                     "history...): long answers, scored by held-out answer NLL",
+    "chatterbot-topic": "name the corpus topic (one of 21 words, e.g. history, science, food) a question "
+                        "comes from: short answers, scored by answer NLL and exact match",
+}
+TOPIC_PROMPT = "Which of these topics is the question from? {topics}\nQuestion: {question}\nAnswer with the topic only."
 
 
-def default_task() -> tuple[Path, Path]:
-    """Write (once) and return the train / eval JSONL files of the embedded default task.
-
-    The task: answer in the style of the English chatterbot corpus (2-4 turn Q/A conversations on
-    trivia, science, history, ...). Conversations are split by a hash of their first line, so the
-    held-out set is fixed and disjoint from training and calibration whatever the seed.
-    """
+def _conversations() -> list[tuple[str, list[str]]]:
+    """(topic, turns) for every English conversation whose first turn is new (case-insensitive)."""
     import importlib.util
 
     import yaml
 
-    from .models import cache_dir
-
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise EmlocError("the default task needs the chatterbot corpus; run: pip install --no-deps chatterbot-corpus==1.3.3")
-    folder = cache_dir() / "data" / DEFAULT_TASK
-    train, held = folder / "train.jsonl", folder / "eval.jsonl"
-    if train.is_file() and held.is_file():
-        return train, held
+        raise EmlocError("the embedded tasks need the chatterbot corpus; run: pip install --no-deps chatterbot-corpus==1.3.3")
     src = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
-    rows: dict[str, list] = {"train": [], "eval": []}
-    seen = set()
+    out, seen = [], set()
     for yml in sorted(src.glob("*.yml")):
         for conv in yaml.safe_load(yml.read_text(encoding="utf-8")).get("conversations", []):
             turns = [str(t).strip() for t in conv if str(t).strip()]
             if len(turns) < 2 or turns[0].lower() in seen:
                 continue
             seen.add(turns[0].lower())
+            out.append((yml.stem, turns))
+    return out
+
+
+def _records(task: str, convs: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+    if task == "chatterbot-en":
+        rows = []
+        for _, turns in convs:
             turns = turns[: len(turns) // 2 * 2]
-            msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-            h = int(hashlib.sha256(turns[0].lower().encode()).hexdigest(), 16) % 100
-            rows["eval" if h < 15 else "train"].append({"messages": msgs})
+            rows.append({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]})
+        return rows
+    topics = ", ".join(sorted({t for t, _ in convs}))
+    return [{"messages": [{"role": "user", "content": TOPIC_PROMPT.format(topics=topics, question=turns[0])},
+                          {"role": "assistant", "content": topic}]} for topic, turns in convs]
+
+
+def default_task(name: str = DEFAULT_TASK) -> tuple[Path, Path]:
+    """Write (once) and return the train / eval JSONL files of an embedded task (see `TASKS`).
+
+    Conversations are split by a hash of their first line (15% held out), so the held-out set is
+    fixed, the same for every task and disjoint from training and calibration whatever the seed.
+    """
+    from .models import cache_dir
+
+    if name not in TASKS:
+        raise EmlocError(f"unknown task {name!r}; use one of {', '.join(TASKS)} or give --data FILE")
+    folder = cache_dir() / "data" / name
+    train, held = folder / "train.jsonl", folder / "eval.jsonl"
+    if train.is_file() and held.is_file():
+        return train, held
+    convs = _conversations()
+    split = {"train": [], "eval": []}
+    for conv, rec in zip(convs, _records(name, convs)):
+        h = int(hashlib.sha256(conv[1][0].lower().encode()).hexdigest(), 16) % 100
+        split["eval" if h < 15 else "train"].append(rec)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, path in (("train", train), ("eval", held)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
+    for part, path in (("train", train), ("eval", held)):
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in split[part]))
         tmp.rename(path)
     return train, held

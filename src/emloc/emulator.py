@@ -57,6 +57,8 @@ class EmulatorConfig:
         device: compute device (auto: cuda if available).
         dtype: dtype of the forward passes and of the stored emulator (auto: bf16 on CUDA, fp32 on CPU).
         stats_dtype: dtype of the Gram accumulation and SVD.
+        method: `svd` (EMLoC's activation-aware SVD) or a baseline of the same size for comparison:
+            `layer-drop` (Offsite-Tuning style) or `channel-prune` (LoRAM style); see emloc.baselines.
     """
 
     ratio: float | list[tuple[str, float | None]] = 0.5
@@ -71,6 +73,7 @@ class EmulatorConfig:
     device: str = "auto"
     dtype: str = "auto"
     stats_dtype: str = "float64"
+    method: str = "svd"
 
 
 def _rules(ratio: float | list[tuple[str, float | None]]) -> list[tuple[re.Pattern, float | None]]:
@@ -190,6 +193,12 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     out_path = Path(output).expanduser().resolve()
     if out_path == base_dir:
         raise EmlocError("the emulator output folder is the base model folder; choose a new folder")
+    if cfg.method != "svd":
+        from .baselines import build_baseline
+
+        if not Path(calibration).expanduser().is_file():
+            raise EmlocError(f"calibration data {calibration} not found; give a JSONL file")
+        return build_baseline(cfg.method, base_dir, Path(calibration).expanduser().resolve(), out_path, cfg, overwrite)
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
     stats_dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.stats_dtype]

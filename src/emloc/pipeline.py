@@ -31,6 +31,7 @@ class RunConfig:
         correct: settings of the correction stage.
         eval: settings of the evaluations.
         compare_emulator_alone: also evaluate the emulator without LoRA.
+        task: embedded task (`emloc.data.TASKS`) used when `data` is None.
     """
 
     base: str = "smollm2-135m"
@@ -41,6 +42,7 @@ class RunConfig:
     correct: CorrectConfig = field(default_factory=CorrectConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_length=256, exact_match=False))
     compare_emulator_alone: bool = True
+    task: str = DEFAULT_TASK
 
 
 def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -55,8 +57,8 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
     check_output_dir(out, overwrite)
     base = resolve_model(cfg.base)
     if cfg.data is None:
-        train_file, eval_file = default_task()
-        task = DEFAULT_TASK
+        train_file, eval_file = default_task(cfg.task)
+        task = cfg.task
     else:
         train_file, eval_file = Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
         task = str(train_file)

@@ -1,0 +1,203 @@
+"""Baseline emulators that EMLoC is measured against, at the same parameter count.
+
+- `layer-drop` (Offsite-Tuning style): keep the first and last two blocks and evenly spaced
+  blocks in between, round(ratio x L) in all; LoRA trained on the kept blocks is plugged into the
+  same blocks of the original.
+- `channel-prune` (LoRAM / UPop style): in every block, keep the MLP's most important hidden
+  channels (score: root-mean-square activation on the calibration data x norm of the output
+  weight's column, as Wanda scores weights) and drop the rest, the same number per block, so
+  that the block linears keep `ratio` of their parameters; LoRA trained on the pruned model is
+  recovered to the full shapes by zero-filling the dropped channels.
+
+Both write an emulator folder (`kind: emulator`, `method` in the manifest) that loads, trains and
+evaluates like an SVD emulator; `emloc correct --mode none` maps its adapter back onto the
+original (`to_original`). Weights are streamed tensor by tensor; the pruning scores come from the
+same block-by-block calibration pass as EMLoC's (`emloc.stats`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, staged_output, versions, write_json
+from .errors import EmlocError
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
+                     parse_device, parse_dtype)
+
+METHODS = ("layer-drop", "channel-prune")
+
+
+def kept_blocks(n_blocks: int, ratio: float, edge: int = 2) -> list[int]:
+    """Indices of the blocks a layer-drop emulator keeps: `edge` at each end, the rest evenly spaced."""
+    k = max(1, min(n_blocks, round(ratio * n_blocks)))
+    if k >= n_blocks:
+        return list(range(n_blocks))
+    edge = min(edge, k // 2)
+    middle = list(range(edge, n_blocks - edge))
+    inner = k - 2 * edge
+    picked = [middle[round(i * (len(middle) - 1) / max(inner - 1, 1))] for i in range(inner)] if inner > 0 else []
+    return sorted(set(range(edge)) | set(picked) | set(range(n_blocks - edge, n_blocks)))
+
+
+def mlp_layers(block: torch.nn.Module) -> tuple[list[str], str]:
+    """(linears that produce the MLP's hidden channels, the linear that consumes them), found by shape.
+
+    The consumer is the block linear with the widest input; the producers are those whose output
+    width equals it (gate and up in Llama-style MLPs, dense_h_to_4h in GPT-NeoX).
+    """
+    lins = dict(block_linears(block))
+    consumer = max(lins, key=lambda n: lins[n].in_features)
+    width = lins[consumer].in_features
+    producers = [n for n, lin in lins.items() if lin.out_features == width]
+    if not producers or any(lins[n].in_features == width for n in producers):
+        raise EmlocError("channel pruning needs an MLP of separate input/output linears (found none by shape); "
+                         "use --method svd for this architecture")
+    return producers, consumer
+
+
+def _write(tmp: Path, base_dir: Path, config: Any, shards: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
+    weight_map: dict[str, str] = {}
+    for fname, tensors in shards.items():
+        save_file(tensors, tmp / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+    write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    config.save_pretrained(tmp)
+    copy_tokenizer_files(base_dir, tmp)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
+    manifest["fingerprint"] = fingerprint(tmp)
+    write_json(tmp / MANIFEST, manifest)
+
+
+def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path, cfg: Any, overwrite: bool) -> Path:
+    """Build a `layer-drop` or `channel-prune` emulator of `base_dir` keeping `cfg.ratio` of the block linears.
+
+    Args:
+        method: `layer-drop` or `channel-prune`.
+        base_dir: the original model's folder.
+        calibration: JSONL records (channel-prune scores channels on them).
+        output: emulator folder to create.
+        cfg: the `EmulatorConfig` (ratio must be one number; samples, max_length, seed, device, dtype).
+        overwrite: replace a non-empty output.
+    """
+    from transformers import AutoTokenizer
+
+    from .stats import calibration_ids, stream_input_grams
+
+    if not isinstance(cfg.ratio, (int, float)) or not 0 < cfg.ratio <= 1:
+        raise EmlocError(f"--method {method} takes one ratio in (0, 1] (got {cfg.ratio!r})")
+    watch = Stopwatch()
+    config = load_config(base_dir)
+    model = empty_model(config)
+    store = WeightStore(base_dir).align(model)
+    blocks_name, blocks = find_blocks(model)
+    prefix = blocks_name + "."
+    names = [n for n, _ in model.named_parameters()]
+    total = sum(p.numel() for p in model.parameters())
+    info: dict[str, Any] = {}
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {n: store.get(n).contiguous() for n in names if not n.startswith(prefix)}
+    if method == "layer-drop":
+        keep = kept_blocks(len(blocks), float(cfg.ratio))
+        for j, i in enumerate(tqdm(keep, desc="copying kept blocks", unit="block")):
+            shards[f"block-{j:05d}.safetensors"] = {f"{prefix}{j}.{n[len(f'{prefix}{i}.'):]}": store.get(n).contiguous()
+                                                    for n in names if n.startswith(f"{prefix}{i}.")}
+            store.release()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text.num_hidden_layers = len(keep)
+        if isinstance(getattr(text, "layer_types", None), list):
+            text.layer_types = [text.layer_types[i] for i in keep]
+        info = {"block_map": {str(j): i for j, i in enumerate(keep)}}
+    elif method == "channel-prune":
+        producers, consumer = mlp_layers(blocks[0])
+        lins = dict(block_linears(blocks[0]))
+        width, d_total = lins[consumer].in_features, sum(lin.in_features * lin.out_features for lin in lins.values())
+        per_channel = sum(lins[n].in_features for n in producers) + lins[consumer].out_features
+        other = d_total - per_channel * width
+        k = int(max(1, min(width, (float(cfg.ratio) * d_total - other) // per_channel)))
+        if float(cfg.ratio) * d_total <= other:
+            raise EmlocError(f"ratio {cfg.ratio} is below what pruning only MLP channels can reach "
+                             f"({other / d_total:.2f} of the block linears is attention); use a larger ratio")
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
+        device = parse_device(cfg.device)
+        wanted = {f"{prefix}{i}.{consumer}" for i in range(len(blocks))}
+        channels: dict[str, list[int]] = {}
+        for name, gram in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(cfg.dtype, device)):
+            bp = name[: -len(consumer)]
+            w_out = store.get(name + ".weight").double()
+            score = gram.diagonal().double().clamp(min=0).sqrt() * w_out.norm(dim=0)
+            idx = torch.topk(score, k).indices.sort().values
+            channels[bp] = idx.tolist()
+            t = {}
+            for n in names:
+                if not n.startswith(bp):
+                    continue
+                rel = n[len(bp):]
+                v = store.get(n)
+                if any(rel.startswith(p + ".") for p in producers):
+                    v = v[idx]  # rows (and biases) of the channel producers
+                elif rel == consumer + ".weight":
+                    v = v[:, idx]
+                t[n] = v.contiguous()
+            shards[f"block-{int(bp[len(prefix):-1]):05d}.safetensors"] = t
+            store.release()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if not hasattr(text, "intermediate_size"):
+            raise EmlocError(f"{config.model_type} has no intermediate_size in its config; channel pruning cannot resize it")
+        text.intermediate_size = k
+        info = {"mlp_producers": producers, "mlp_consumer": consumer, "mlp_width": width, "channels_kept": k,
+                "channels": channels}
+    else:
+        raise EmlocError(f"unknown emulator method {method!r}; use svd, {', '.join(METHODS)}")
+    shards["rest.safetensors"] = rest
+    params = sum(v.numel() for t in shards.values() for v in t.values())
+    manifest = {"kind": "emulator", "method": method, "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),
+                "blocks": blocks_name, "config": cfg, "calibration": {"file": str(calibration), "samples": cfg.samples},
+                "params": {"base": total, "emulator": params}, "layers": {}, **info, "versions": versions()}
+    with staged_output(output, overwrite) as tmp:
+        manifest.update(wall_seconds=round(watch.seconds, 1), **peak_memory_mb())
+        _write(tmp, base_dir, config, shards, manifest)
+    print(watch.summary("build", output))
+    return output
+
+
+def to_original(tensors: dict[str, torch.Tensor], emanifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Map a LoRA trained on a baseline emulator onto the original model's names and shapes.
+
+    layer-drop: rename block j of the emulator to the original block it copies. channel-prune:
+    zero-fill the dropped channels (rows of the producers' lora_B, columns of the consumer's lora_A),
+    so the adapter's update is zero on channels the emulator did not have.
+    """
+    method = emanifest.get("method")
+    prefix = emanifest["blocks"] + "."
+    pat = re.compile(rf"^(base_model\.model\.)?{re.escape(prefix)}(\d+)\.(.*)$")
+    out: dict[str, torch.Tensor] = {}
+    for key, v in tensors.items():
+        m = pat.match(key)
+        if m is None:
+            out[key] = v
+            continue
+        head, idx, rel = m.group(1) or "", int(m.group(2)), m.group(3)
+        if method == "layer-drop":
+            out[f"{head}{prefix}{emanifest['block_map'][str(idx)]}.{rel}"] = v
+            continue
+        kept = torch.tensor(emanifest["channels"][f"{prefix}{idx}."])
+        if any(rel.startswith(p + ".lora_B") for p in emanifest["mlp_producers"]):
+            full = torch.zeros(emanifest["mlp_width"], v.shape[1], dtype=v.dtype)
+            full[kept] = v
+            v = full
+        elif rel.startswith(emanifest["mlp_consumer"] + ".lora_A"):
+            full = torch.zeros(v.shape[0], emanifest["mlp_width"], dtype=v.dtype)
+            full[:, kept] = v
+            v = full
+        out[key] = v
+    return out
+
