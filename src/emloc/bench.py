@@ -44,7 +44,8 @@ class BenchConfig:
         max_length: tokens per record.
         samples: calibration records of the main EMLoC rows.
         eval_samples: held-out records evaluated (None: all).
-        seeds: seeds of the main rows (zero-shot, LoRA on the original, EMLoC); ablations use the first.
+        seeds: seeds of the main rows (LoRA on the original, EMLoC at the first ratio); other ratios,
+            the baselines and the ablations use the first seed.
         clamps: clamp values for the clamp ablation (None = no clamp).
         calibration_sizes: calibration sizes for the calibration ablation.
         plain_svd: add the plain (non-whitened) SVD ablation.
@@ -80,7 +81,8 @@ class BenchConfig:
 PRESETS: dict[str, BenchConfig] = {
     "smoke": BenchConfig(steps=2, batch_size=4, samples=8, eval_samples=12, max_length=96, clamps=(None,),
                          calibration_sizes=(4,), stats_dtype="float32"),
-    "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), calibration_sizes=(8, 16, 256)),
+    "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), clamps=(1.0, None), calibration_sizes=(),
+                         sequential=False),
     "qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5,), steps=150),
     "bigger-in-budget": BenchConfig(base="qwen2.5-coder-1.5b", ratios=(0.3,), steps=150, smaller="qwen2.5-coder-0.5b",
                                     clamps=(), calibration_sizes=(), plain_svd=False, sequential=False),
@@ -192,7 +194,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         jobs.append((f"lora-original-s{seed}", lambda s=seed: _row(
             "LoRA on the original", None, s, r.eval(f"lora-original-s{s}", base, eval_f, r.train(f"lora-original-s{s}", base, train_f, eval_f, s)),
             train=work / f"lora-original-s{s}")))
-        for ratio in cfg.ratios:
+        for ratio in cfg.ratios if seed == first else cfg.ratios[:1]:
             def emloc_rows(s=seed, q=ratio) -> list[dict[str, Any]]:
                 emu = r.build(f"emulator-{q}", base, train_f, q, cfg.samples)
                 ad = r.train(f"adapter-{q}-s{s}", str(emu), train_f, eval_f, s)
@@ -205,7 +207,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                         _row("EMLoC adapter on the emulator", q, s, r.eval(f"on-emulator-{q}-s{s}", str(emu), eval_f, ad),
                              build=emu, train=ad)]
             jobs.append((f"emloc-{ratio}-s{seed}", emloc_rows))
-    for ratio in cfg.ratios:
+    for ratio in cfg.ratios[:1]:
         for method, label in BASELINES.items():
             def baseline(q=ratio, method=method, label=label) -> dict[str, Any]:
                 emu = r.build(f"{method}-{q}", base, train_f, q, cfg.samples, "--method", method)
@@ -241,6 +243,8 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         small = str(resolve_model(cfg.smaller))
         jobs.append(("smaller", lambda: _row(f"LoRA on {cfg.smaller}", None, first, r.eval(
             "smaller", small, eval_f, r.train("smaller", small, train_f, eval_f, first)), train=work / "smaller")))
+    # the other seeds' repeats last: an interrupted bench has every kind of row for the first seed
+    jobs.sort(key=lambda job: any(job[0].endswith(f"-s{s}") for s in cfg.seeds[1:]))
 
     rows: list[dict[str, Any]] = []
     for name, job in tqdm(jobs, desc="bench rows", unit="row"):
