@@ -181,6 +181,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
     cfg = dataclasses.replace(PRESETS[ns.preset], device=ns.device)
     if ns.steps is not None:
         cfg = dataclasses.replace(cfg, steps=ns.steps)
+    if ns.seeds:
+        cfg = dataclasses.replace(cfg, seeds=tuple(ns.seeds))
     if ns.task:
         cfg = dataclasses.replace(cfg, task=ns.task)
     if ns.data:
@@ -254,6 +256,7 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--preset", default="smoke", help="smoke, small, qwen or bigger-in-budget (default: smoke)")
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
+    bn.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (finished rows are reused)")
     bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match) or chatterbot-en "
                     "(default: the preset's)")
     bn.add_argument("--data", help="JSONL training data (default: the embedded task)")
