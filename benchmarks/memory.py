@@ -7,7 +7,15 @@ Rows: inference of the original (one forward at batch x seq-len with logits at e
 emulator), correct and merge. Training rows use the same batch and sequence length, plain text
 records of exactly seq-len tokens (loss on every token, the worst case for the loss). Peak RSS is
 read by the OS for each process (`/usr/bin/time`-style ru_maxrss of the child); on a GPU the
-training manifests also carry torch.cuda.max_memory_allocated.
+training manifests also carry torch.cuda.max_memory_allocated. The inference rows run on the first
+batch records of the same data (token ids written by the parent, so no tokenizer is loaded there).
+
+Each run also prints, and writes to report.md, `emloc.plan.predict` beside the measurements, with
+the distinct token ids of the data as `vocab_used` (it matters on CPU for an untied input
+embedding, whose rows that are never looked up stay unread in the memory map). To compare an
+earlier report with the current `predict` without measuring again:
+
+    python benchmarks/memory.py --compare reports/memory-qwen/report.json
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 INFER = """
@@ -28,7 +37,8 @@ _return_freed_memory()  # the same allocator setting as the emloc commands it is
 from transformers import AutoModelForCausalLM
 from emloc.models import resolve_model, parse_device, parse_dtype
 dev = parse_device(sys.argv[3]); model = AutoModelForCausalLM.from_pretrained(resolve_model(sys.argv[4]), dtype=parse_dtype(sys.argv[5], dev)).to(dev).eval()
-ids = torch.randint(0, model.config.vocab_size, (int(sys.argv[1]), int(sys.argv[2])), device=dev)
+import json
+ids = torch.tensor(json.load(open(sys.argv[7])), device=dev)  # batch x seq_len ids of the data
 with torch.no_grad():
     logits = model(input_ids=ids, logits_to_keep=int(sys.argv[6])).logits  # 0: all positions
 print(float(logits[0, 0, 0]))
@@ -57,8 +67,17 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--stats-dtype", default="float64", choices=["float64", "float32"], help="Gram/SVD dtype of the builds")
+    ap.add_argument("--no-original", action="store_true", help="skip the inference and LoRA-on-the-original rows")
+    ap.add_argument("--reuse-emulators", action="store_true",
+                    help="do not rebuild work/emulator-RATIO where it exists (its build row is then left out)")
     ap.add_argument("--output", default="reports/memory")
+    ap.add_argument("--compare", type=Path, metavar="REPORT_JSON",
+                    help="only print an earlier report.json beside the current `emloc plan` prediction")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(json.loads(args.compare.read_text()), args.compare.parent))
+        return
 
     from emloc.models import resolve_model
     from transformers import AutoTokenizer
@@ -78,6 +97,10 @@ def main() -> None:
                 words += [rng.choice(vocab) for _ in range(32)]
             ids = tok(" ".join(words))["input_ids"][: args.seq_len]
             f.write(json.dumps({"text": tok.decode(ids)}) + "\n")
+    vocab_used, infer_ids = data_ids(data, tok, args.batch, args.seq_len)
+    infer_vocab_used = len({i for row in infer_ids for i in row})  # the inference rows read only these
+    ids_file = out / "infer_ids.json"
+    ids_file.write_text(json.dumps(infer_ids))
     py = sys.executable
     emloc = [py, "-m", "emloc.cli", "-q"]
     dev = ["--device", args.device, "--dtype", args.dtype]
@@ -93,31 +116,94 @@ def main() -> None:
         print(f"{stage:<28} {'' if ratio is None else ratio:<6} {rss:9.1f} MB {wall:7.1f} s", flush=True)
 
     infer = [py, "-c", INFER, str(args.batch), str(args.seq_len), args.device, str(base), args.dtype]
-    add("inference (original)", None, infer + ["0"])
-    # generate() computes logits for the last position only during prefill: the leaner reference
-    add("inference, last-token logits", None, infer + ["1"])
-    add("LoRA train (original)", None, emloc + ["train", "--model", str(base), "--data", str(data), "--output", str(work / "lora"), *train_flags])
+    if not args.no_original:
+        add("inference (original)", None, infer + ["0", str(ids_file)])
+        # generate() computes logits for the last position only during prefill: the leaner reference
+        add("inference, last-token logits", None, infer + ["1", str(ids_file)])
+        add("LoRA train (original)", None, emloc + ["train", "--model", str(base), "--data", str(data), "--output", str(work / "lora"), *train_flags])
     for r in args.ratios:
         emu, ad, cor, mer = (work / f"{n}-{r}" for n in ("emulator", "adapter", "corrected", "merged"))
-        add("EMLoC build", r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--ratio", str(r),
-                                       "--samples", str(args.samples), "--max-length", str(args.seq_len + 8), "--overwrite", *dev])
+        if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
+            add("EMLoC build", r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--ratio", str(r),
+                                           "--samples", str(args.samples), "--max-length", str(args.seq_len + 8), "--overwrite",
+                                           "--stats-dtype", args.stats_dtype, *dev])
         add("EMLoC train (emulator)", r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])
         add("EMLoC correct", r, emloc + ["correct", "--adapter", str(ad), "--output", str(cor), "--overwrite"])
         add("EMLoC merge", r, emloc + ["merge", "--adapter", str(cor), "--output", str(mer), "--overwrite"])
-    infer = rows[0]["peak_rss_mb"]
+    infer = rows[0]["peak_rss_mb"] if rows[0]["stage"].startswith("inference") else None
     for row in rows:
-        row["vs_inference"] = round(row["peak_rss_mb"] / infer, 3)
+        row["vs_inference"] = round(row["peak_rss_mb"] / infer, 3) if infer else None
     report = {"base": str(base), "batch": args.batch, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
-              "micro_batch_size": int(micro), "device": args.device, "command": " ".join(sys.argv), "rows": rows}
+              "micro_batch_size": int(micro), "device": args.device, "dtype": args.dtype, "samples": args.samples,
+              "stats_dtype": args.stats_dtype, "vocab_used": vocab_used,
+              "infer_vocab_used": infer_vocab_used, "command": " ".join(sys.argv), "rows": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [f"`{report['command']}`", "", f"{Path(str(base)).name}, batch {args.batch} x {args.seq_len} tokens, "
              f"micro-batch {micro}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.device}", "",
              "| stage | ratio | peak RSS (MB) | vs inference | wall (s) |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['stage']} | {row['ratio'] if row['ratio'] is not None else '-'} | {row['peak_rss_mb']:.0f} | "
-                     f"{row['vs_inference']:.2f} | {row['wall_seconds']:.0f} |")
+                     f"{row['vs_inference'] or float('nan'):.2f} | {row['wall_seconds']:.0f} |")
+    lines += ["", compare(report)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def data_ids(data: Path, tok, batch: int, seq_len: int) -> tuple[int, list[list[int]]]:
+    """Distinct token ids of the records as emloc tokenises them (with the pad/eos ids), and the first
+    `batch` records' ids cut or padded to `seq_len` (the inference rows' input)."""
+    from emloc.data import load_examples
+
+    examples = load_examples(data, tok, seq_len + 8)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    used = {i for e in examples for i in e.input_ids} | {i for i in (pad, tok.eos_token_id) if i is not None}
+    first = [(e.input_ids[:seq_len] + [pad] * seq_len)[:seq_len] for e in examples[:batch]]
+    return len(used), first
+
+
+PREDICTED = {"inference (original)": "inference", "LoRA train (original)": "lora", "EMLoC build": "build",
+             "EMLoC train (emulator)": "train", "EMLoC correct": "correct", "EMLoC merge": "merge"}
+
+
+def compare(report: dict, folder: Path | None = None) -> str:
+    """A markdown table: each measured row beside `emloc.plan.predict` for the report's settings (MiB).
+
+    `folder` (the report's) supplies infer_ids.json when the report does not count its distinct ids.
+    """
+    from emloc.plan import PlanConfig, predict
+
+    if "infer_vocab_used" not in report and folder is not None and (folder / "infer_ids.json").is_file():
+        report["infer_vocab_used"] = len({i for row in json.loads((folder / "infer_ids.json").read_text()) for i in row})
+
+    ratios = sorted({r["ratio"] for r in report["rows"] if r["ratio"] is not None})
+    dtype = report.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = "fp32" if report["device"] == "cpu" else "bf16"
+    cfg = PlanConfig(batch=report["batch"], seq_len=report["seq_len"], rank=8, dtype=dtype, device=report["device"],
+                     ratios=(1.0, *ratios), gradient_checkpointing=report["gradient_checkpointing"],
+                     calibration_samples=report.get("samples", 64), calibration_len=report["seq_len"],
+                     stats_dtype=report.get("stats_dtype", "float64"), vocab_used=report.get("vocab_used"))
+    plan = predict(report["base"], cfg)
+    if report.get("infer_vocab_used"):  # the inference rows read the first batch records only
+        plan.inference = predict(plan.shape, replace(cfg, vocab_used=report["infer_vocab_used"])).inference
+
+    def estimate(stage: str, ratio: float | None):
+        kind = PREDICTED.get(stage)
+        return {"inference": lambda: plan.inference, "lora": lambda: plan.lora_training,
+                "build": lambda: plan.build[ratio], "train": lambda: plan.training[ratio],
+                "correct": lambda: plan.correct, "merge": lambda: plan.merge}[kind]() if kind else None
+
+    lines = [f"`emloc plan` for these settings (vocab_used {cfg.vocab_used}, {report.get('infer_vocab_used')} for the "
+             f"inference rows; stats {cfg.stats_dtype}; MB = 2^20 bytes):", "",
+             "| stage | ratio | predicted (MB) | measured (MB) | error |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        e = estimate(row["stage"], row["ratio"])
+        if e is None:
+            continue
+        pred, meas = e.total / 2**20, row["peak_rss_mb"]
+        lines.append(f"| {row['stage']} | {row['ratio'] if row['ratio'] is not None else '-'} | {pred:.0f} | {meas:.0f} "
+                     f"| {100 * (pred - meas) / meas:+.0f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_memory_orderings(big_shape):
     assert predict(big_shape, PlanConfig(dtype="fp32")).inference.total > plan.inference.total
     # emloc's chunked answer loss vs full B x T x V logits (152k vocabulary: 2048 x 152064 x 14 bytes)
     full = predict(big_shape, PlanConfig(loss_chunk=None)).lora_training
-    assert full.parts["logits+loss"] == 2048 * 152064 * 14 > plan.lora_training.parts["logits+loss"]
+    assert full.parts["logits+loss"] == 2048 * 152064 * 14 > plan.lora_training.parts["backward working set"]
 
 
 def test_recommendation_is_largest_fitting_ratio(big_shape):
@@ -192,3 +192,69 @@ def test_logit_softcapping_families_use_full_logits():
     assert shape.full_logits and not model_shape(_tiny_config()).full_logits
     plan = predict(shape, PlanConfig(batch=2, seq_len=64))
     assert plan.lora_training.parts["logits+loss"] == 2 * 64 * 100 * (2 + 12)
+
+
+def _small_qwen(tied: bool, dtype: str = "float32"):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=50_000, tie_word_embeddings=tied, dtype=dtype)
+
+
+def test_vocab_used_lowers_cpu_estimate_only_for_untied_mmapped_embeddings():
+    untied, tied = model_shape(_small_qwen(False)), model_shape(_small_qwen(True))
+    assert not untied.tied and tied.tied and untied.embedding_rows == 50_000
+    base = dict(batch=2, seq_len=64, dtype="fp32", ratios=(1.0, 0.5))
+    every = predict(untied, PlanConfig(device="cpu", **base))
+    some = predict(untied, PlanConfig(device="cpu", vocab_used=100, **base))
+    row = max(64 * 4, 64 * 2**10)  # each row read maps a 64 KiB fault-around window
+    unread = 50_000 * 64 * 4 - 100 * row
+    for a, b in [(every.inference, some.inference), (every.lora_training, some.lora_training),
+                 (every.training_at(0.5), some.training_at(0.5))]:
+        assert a.total - b.total == unread
+        assert b.parts["unread embedding rows"] == -unread
+    assert some.merge.total == every.merge.total  # merge reads every tensor
+    # tied embeddings (the head reads every row), cuda, and a cast from another stored dtype: no change
+    for shape, kw in [(tied, dict(device="cpu")), (untied, dict(device="cuda")),
+                      (model_shape(_small_qwen(False, "bfloat16")), dict(device="cpu"))]:
+        a, b = predict(shape, PlanConfig(**kw, **base)), predict(shape, PlanConfig(vocab_used=100, **kw, **base))
+        assert a.inference.total == b.inference.total and a.lora_training.total == b.lora_training.total
+        assert a.build[0.5].total == b.build[0.5].total
+    # ... except the emulator, which is always written in its build's compute dtype
+    bf = model_shape(_small_qwen(False, "bfloat16"))
+    assert predict(bf, PlanConfig(device="cpu", vocab_used=100, **base)).training_at(0.5).total < \
+        predict(bf, PlanConfig(device="cpu", **base)).training_at(0.5).total
+    # more ids than rows never adds memory
+    assert predict(untied, PlanConfig(device="cpu", vocab_used=10**6, **base)).inference.total == every.inference.total
+
+
+def test_big_model_on_gpu_ignores_vocab_used(big_shape):
+    assert not big_shape.tied
+    a = predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32"))
+    b = predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32", vocab_used=1000))
+    assert [e.total for e in a.stages(0.2)] == [e.total for e in b.stages(0.2)]
+    assert a.recommend().ratio == b.recommend().ratio
+
+
+def test_weighted_correction_streams_statistics():
+    shape = model_shape(_small_qwen(False))
+    cfg = dict(batch=2, seq_len=64, dtype="fp32", device="cpu", ratios=(1.0, 0.5))
+    weighted = predict(shape, PlanConfig(**cfg)).correct
+    paper = predict(shape, PlanConfig(correction="paper", **cfg)).correct
+    assert "grams + work" in weighted.parts and "tokenizer" in weighted.parts and "tokenizer" not in paper.parts
+    assert weighted.total > paper.total
+    assert predict(shape, PlanConfig(stats_dtype="float32", **cfg)).correct.total < weighted.total
+    with pytest.raises(EmlocError, match="correction"):
+        predict(shape, PlanConfig(correction="exact"))
+
+
+def test_merge_holds_the_largest_tensor_once(big_shape):
+    from emloc.merge import MAX_SHARD_BYTES
+    from emloc.plan import merge_chunk_bytes
+
+    # the 152k x 5120 bf16 embedding (1.5 GB) is written nearly alone: once, not twice
+    assert merge_chunk_bytes(big_shape, 2) == big_shape.largest_tensor * 2 > 2 * MAX_SHARD_BYTES
+    # a small model's fullest shard is 256 MiB of merged block linears: read pages + merged copies
+    small = model_shape(_tiny_config())
+    assert merge_chunk_bytes(small, 4) == max(small.largest_tensor * 4,
+                                              2 * min(MAX_SHARD_BYTES, (small.total_params - small.nonblock_params) * 4))
