@@ -39,8 +39,9 @@ def test_layer_drop_adapter_lands_on_the_blocks_it_was_trained_on(deep_base, tin
     assert json.loads((emu / "config.json").read_text())["num_hidden_layers"] == 3
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=2, lr=1e-2, device="cpu", eval_fraction=0))
     with pytest.raises(EmlocError, match="--mode none"):
-        correct_adapter(ad, tmp_path / "bad")
-    out = correct_adapter(ad, tmp_path / "mapped", config=CorrectConfig(mode="none"))
+        correct_adapter(ad, tmp_path / "bad", config=CorrectConfig(mode="weighted"))
+    out = correct_adapter(ad, tmp_path / "mapped")  # auto maps a baseline's adapter without correction
+    assert json.loads((out / "manifest.json").read_text())["mode"] == "none"
     src, dst = load_file(ad / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     for j, i in m["block_map"].items():
         key = f"model.layers.{{}}.self_attn.q_proj"

@@ -131,6 +131,21 @@ def test_streamed_grams_equal_full_model_hooks(tiny_base, tiny_data):
         torch.testing.assert_close(streamed[m], full[m], rtol=1e-5, atol=1e-5 * float(full[m].abs().max()))
 
 
+def test_auto_keeps_the_candidate_the_original_scores_best(tiny_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    out = correct_adapter(tiny_adapter, tmp_path / "auto", config=CorrectConfig(device="cpu"))
+    m = json.loads((out / "manifest.json").read_text())
+    scores = m["selection"]
+    assert set(scores) == {"none", "weighted", "paper"} and all(math.isfinite(v) for v in scores.values())
+    assert m["mode"] == min(scores, key=scores.get) and m["config"]["mode"] == "auto"
+    alone = correct_adapter(tiny_adapter, tmp_path / "alone", config=CorrectConfig(mode=m["mode"], device="cpu"))
+    got, want = load_file(out / "adapter_model.safetensors"), load_file(alone / "adapter_model.safetensors")
+    assert set(got) == set(want)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k])
+
+
 def test_weighted_mode_needs_its_calibration_data(tiny_adapter, tmp_path):
     with pytest.raises(EmlocError, match="calibration data"):
         correct_adapter(tiny_adapter, tmp_path / "c", config=CorrectConfig(calibration=str(tmp_path / "missing.jsonl")))
@@ -178,9 +193,11 @@ def test_correction_is_exact_for_an_unchanged_emulator(tmp_path, tiny_base, tiny
 
     emu = build_emulator(tiny_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=1.0, samples=8, device="cpu"))
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=2, lr=1e-2, device="cpu", eval_fraction=0))
-    out = correct_adapter(ad, tmp_path / "c", config=CorrectConfig(clamp=None))
+    out = correct_adapter(ad, tmp_path / "c", config=CorrectConfig(mode="paper", clamp=None))
     m = json.loads((out / "manifest.json").read_text())
     assert max(v["correction_norm"] for v in m["layers"].values()) < 1e-6
+    weighted = json.loads((correct_adapter(ad, tmp_path / "w", config=CorrectConfig(mode="weighted")) / "manifest.json").read_text())
+    assert max(v["correction_norm"] for v in weighted["layers"].values()) == 0  # every layer dense: nothing to correct
     a, c = load_file(ad / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     k = next(k for k in a if k.endswith("lora_A.weight"))
     kb = k.replace("lora_A", "lora_B")

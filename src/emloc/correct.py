@@ -3,7 +3,11 @@
 Per LoRA'd layer, with W the original weight, W_e the emulator's (W_e = W for a layer left dense),
 E = W - W_e, and s the LoRA scaling, the adapter B A trained on the emulator becomes B_new A_new:
 
-`weighted` (the default): keep A, and remove from B the least-squares image of the emulator's
+`auto` (the default) computes the three adapters below (`none`, `weighted`, `paper`) and keeps the
+one under which the original model has the lowest answer NLL on records of the calibration file
+outside the calibration draw (forward passes of the original only; `emloc.selection`).
+
+`weighted`: keep A, and remove from B the least-squares image of the emulator's
 error in the LoRA's input features, measured on the calibration data:
 
     C = E G A^T (A G A^T)^-1 (m x r),   B_new = B - C / s,   A_new = A,
@@ -40,9 +44,9 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +61,7 @@ from .models import WeightStore, empty_model, load_config, resolve_model
 log = logging.getLogger("emloc")
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODES = ("weighted", "paper", "none")
+MODES = ("auto", "weighted", "paper", "none")
 
 
 @dataclass
@@ -65,21 +69,25 @@ class CorrectConfig:
     """Settings of `correct_adapter`.
 
     Attributes:
-        mode: `weighted` (activation-weighted least-squares correction, above), `paper` (the EMLoC
-            paper's correction with its clamp) or `none` (re-target the adapter unchanged).
+        mode: `auto` (compute `none`, `weighted` and `paper`, keep the one with the lowest answer NLL
+            of the original on `select_records` records of the calibration file outside the
+            calibration draw), `weighted` (activation-weighted least-squares correction, above),
+            `paper` (the EMLoC paper's correction with its clamp) or `none` (re-target unchanged).
         clamp: L of the paper's clamp, or None for its exact correction (mode `paper` only).
         dtype: `float32` or `float64` for the computation; the adapter is saved in float32.
         calibration: JSONL records for the statistics of mode `weighted` (default: the emulator's
             own calibration file and draw, as recorded in its manifest).
-        device: where mode `weighted` runs the original's blocks on the calibration records (auto:
+        device: where modes `weighted` and `auto` run the original on the calibration records (auto:
             cuda if available).
+        select_records: records mode `auto` scores the candidates on.
     """
 
-    mode: str = "weighted"
+    mode: str = "auto"
     clamp: float | None = 3.0
     dtype: str = "float32"
     calibration: str | None = None
     device: str = "auto"
+    select_records: int = 32
 
 
 @dataclass
@@ -205,13 +213,11 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     from transformers import AutoTokenizer
 
     from .models import parse_device, parse_dtype
+    from .selection import calibration_file
     from .stats import calibration_ids, stream_input_grams
 
     ecfg = emanifest.get("config", {})
-    data = Path(cfg.calibration or emanifest.get("calibration", {}).get("file", "")).expanduser()
-    if not data.is_file():
-        raise EmlocError(f"calibration data {data} not found; mode `weighted` needs the records the emulator was "
-                         "calibrated on: pass --calibration FILE (or use --mode paper / none)")
+    data = calibration_file(cfg.calibration, emanifest)
     layers = emanifest["layers"]
     wanted = {m for m in modules if layers.get(m, {}).get("rank") is not None}
     yield from ((m, None) for m in modules if m not in wanted)
@@ -224,6 +230,44 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     stats = {"float64": torch.float64, "float32": torch.float32}[ecfg.get("stats_dtype", "float64")]
     for m, g in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(ecfg.get("dtype", "auto"), device), stats):
         yield m, g.to("cpu")
+
+
+def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Tensor], modules: list[str],
+                     acfg: dict[str, Any], emanifest: dict[str, Any], base_dir: Path, stores: tuple[WeightStore, WeightStore],
+                     dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's tensors corrected by `mode` (weighted, paper or none), and the per-layer report."""
+    base_store, emu_store = stores
+    prefix = "base_model.model."
+    report: dict[str, Any] = {}
+    new = dict(tensors)
+    if mode == "none":
+        return new, report
+    work = _weighted_statistics(cfg, emanifest, base_dir, modules) if mode == "weighted" else ((m, None) for m in modules)
+    for i, (mod, gram) in enumerate(tqdm(work, total=len(modules), desc=f"correcting LoRA ({mode})", unit="layer")):
+        fault_point("correct_layer", i)
+        ka, kb = f"{prefix}{mod}.lora_A.weight", f"{prefix}{mod}.lora_B.weight"
+        a, b = tensors[ka].to(dtype), tensors[kb].to(dtype)
+        layer = emanifest["layers"].get(mod)
+        s = scaling(acfg, mod, a.shape[0])
+        if mode == "weighted" and gram is None:
+            # a layer the emulator kept dense has W_e = W: nothing to correct
+            report[mod] = {"scaling": s, "correction_norm": 0.0, "lora_norm": float(b.norm()), "clamped": 0, "rank": a.shape[0]}
+            continue
+        w = base_store.get(f"{mod}.weight").to(dtype)
+        w_e = _emulator_weight(emu_store, mod, layer, dtype)
+        if mode == "weighted":
+            res = weighted_correction(w, w_e, a, b, s, gram)
+            del gram
+        else:
+            res = correct_layer(w, w_e, a, b, s, cfg.clamp)
+        if not (torch.isfinite(res.lora_A).all() and torch.isfinite(res.lora_B).all()):
+            raise EmlocError(f"the corrected LoRA of {mod} is non-finite; check the adapter and emulator weights")
+        new[ka], new[kb] = res.lora_A.float(), res.lora_B.float()
+        base_store.release()
+        emu_store.release()
+        report[mod] = {"scaling": s, "correction_norm": res.correction_norm, "lora_norm": res.lora_norm,
+                       "clamped": res.clamped, "rank": a.shape[0]}
+    return new, report
 
 
 def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Path | None = None,
@@ -267,46 +311,31 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
         raise EmlocError("the output folder is one of the inputs; choose a new folder")
 
     method = emanifest.get("method", "svd")
-    if method != "svd" and cfg.mode != "none":
+    if method != "svd" and cfg.mode not in ("none", "auto"):
         raise EmlocError(f"{emu_dir} is a {method} emulator; its adapters are mapped onto the original without "
                          "correction: use --mode none")
+    if method != "svd":
+        cfg = replace(cfg, mode="none")
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     modules = _lora_modules(tensors)
     if not modules:
         raise EmlocError(f"{adapter} holds no LoRA weights")
     skeleton = empty_model(load_config(base_dir))  # meta device: names only, no memory
-    base_store, emu_store = WeightStore(base_dir).align(skeleton), WeightStore(emu_dir)
-    prefix = "base_model.model."
-    report: dict[str, Any] = {}
-    new = dict(tensors)
-    work = _weighted_statistics(cfg, emanifest, base_dir, modules) if cfg.mode == "weighted" else ((m, None) for m in modules)
-    if cfg.mode != "none":
-        for i, (mod, gram) in enumerate(tqdm(work, total=len(modules), desc="correcting LoRA", unit="layer")):
-            fault_point("correct_layer", i)
-            ka, kb = f"{prefix}{mod}.lora_A.weight", f"{prefix}{mod}.lora_B.weight"
-            a, b = tensors[ka].to(dtype), tensors[kb].to(dtype)
-            layer = emanifest["layers"].get(mod)
-            s = scaling(acfg, mod, a.shape[0])
-            if cfg.mode == "weighted" and gram is None:
-                # a layer the emulator kept dense has W_e = W: nothing to correct
-                report[mod] = {"scaling": s, "correction_norm": 0.0, "lora_norm": float(b.norm()), "clamped": 0,
-                               "rank": a.shape[0]}
-                continue
-            w = base_store.get(f"{mod}.weight").to(dtype)
-            w_e = _emulator_weight(emu_store, mod, layer, dtype)
-            if cfg.mode == "weighted":
-                res = weighted_correction(w, w_e, a, b, s, gram)
-                del gram
-            else:
-                res = correct_layer(w, w_e, a, b, s, cfg.clamp)
-            if not (torch.isfinite(res.lora_A).all() and torch.isfinite(res.lora_B).all()):
-                raise EmlocError(f"the corrected LoRA of {mod} is non-finite; check the adapter and emulator weights")
-            new[ka], new[kb] = res.lora_A.float(), res.lora_B.float()
-            base_store.release()
-            emu_store.release()
-            report[mod] = {"scaling": s, "correction_norm": res.correction_norm, "lora_norm": res.lora_norm,
-                           "clamped": res.clamped, "rank": a.shape[0]}
+    stores = (WeightStore(base_dir).align(skeleton), WeightStore(emu_dir))
+    selection: dict[str, float] | None = None
+    chosen = cfg.mode
+    if cfg.mode == "auto":
+        from .selection import select_correction
+
+        candidates = {m: _correct_tensors(m, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
+                      for m in ("none", "weighted", "paper")}
+        chosen, selection = select_correction({m: c[0] for m, c in candidates.items()}, acfg, base_dir, emanifest, cfg)
+        new, report = candidates[chosen]
+        log.info("auto: chose %s (NLL on %d records outside the calibration draw: %s)", chosen, cfg.select_records,
+                 ", ".join(f"{k} {v:.4f}" for k, v in selection.items()))
+    else:
+        new, report = _correct_tensors(cfg.mode, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
     if method != "svd":
         from .baselines import to_original
 
@@ -321,13 +350,13 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
         clamped = sum(r["clamped"] for r in report.values())
         directions = sum(r["rank"] for r in report.values())
         write_json(tmp / MANIFEST, {
-            "kind": "corrected_adapter", "adapter": str(adapter), "adapter_fingerprint": fingerprint(adapter),
+            "kind": "corrected_adapter", "mode": chosen, "adapter": str(adapter), "adapter_fingerprint": fingerprint(adapter),
             "emulator": str(emu_dir.resolve()), "emulator_fingerprint": emanifest.get("fingerprint"),
             "base": str(base_dir), "base_fingerprint": emanifest["base_fingerprint"], "config": cfg,
-            "clamped_directions": clamped, "directions": directions, "layers": report,
+            "clamped_directions": clamped, "directions": directions, "selection": selection, "layers": report,
             "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
         })
-    if cfg.mode == "paper":
+    if clamped:
         log.info("clamp fired in %d of %d rank directions", clamped, directions)
     print(watch.summary("correct", out_path))
     return out_path

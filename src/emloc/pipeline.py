@@ -71,7 +71,7 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
     if cfg.compare_emulator_alone:
         rows_spec.append(("emulator, no LoRA", emu, None))
     rows_spec += [("emulator + LoRA", emu, adapter), ("original + uncorrected LoRA", base, adapter),
-                  (f"original + corrected LoRA ({cfg.correct.mode})", base, corrected)]
+                  (f"original + corrected LoRA ({_mode_label(corrected)})", base, corrected)]
     rows = []
     for name, model, ad in rows_spec:
         log.info("evaluating: %s", name)
@@ -112,3 +112,12 @@ def format_table(result: dict[str, Any]) -> str:
         em = f" {r['exact_match']:.3f} |" if r["exact_match"] is not None else ""
         lines.append(f"| {r['row']} | {r['nll']:.4f} | {r['ppl']:.2f} | {r['gain_vs_zero_shot']:+.4f} |{em}")
     return "\n".join(lines)
+
+
+def _mode_label(corrected: Path) -> str:
+    """`weighted`, `paper (L=3)`, ... and for mode auto which one it chose: `auto: weighted`."""
+    m = read_manifest(corrected) or {}
+    mode, cfg = m.get("mode", "?"), m.get("config", {})
+    label = f"paper, L={cfg.get('clamp')}" if mode == "paper" else mode
+    return f"auto: {label}" if cfg.get("mode") == "auto" else label
+

@@ -1,0 +1,87 @@
+"""Mode `auto` of `emloc correct`: pick the correction that serves the original model best.
+
+The candidates (the uncorrected, the weighted and the paper-corrected adapter) are scored by the
+original model's mean answer NLL on records of the emulator's calibration file that were not in
+its calibration draw, with forward passes only (the original at inference cost, the candidate
+adapters attached through PEFT one at a time). Which correction helps depends on the model, the
+ratio, the task and how far training moved the LoRA (see the benchmark in the README), so the
+choice is measured per adapter rather than fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .data import collate, load_examples, sample
+from .errors import EmlocError
+from .loss import answer_nll
+
+log = logging.getLogger("emloc")
+
+
+def calibration_file(explicit: str | None, emanifest: dict[str, Any]) -> Path:
+    """The calibration JSONL: `explicit`, else the one recorded in the emulator's manifest."""
+    data = Path(explicit or emanifest.get("calibration", {}).get("file", "")).expanduser()
+    if not data.is_file():
+        raise EmlocError(f"calibration data {data} not found; modes auto and weighted need the records the emulator "
+                         "was calibrated on: pass --calibration FILE (or use --mode paper / none)")
+    return data
+
+
+@torch.no_grad()
+def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict[str, Any], base_dir: Path,
+                      emanifest: dict[str, Any], cfg: Any) -> tuple[str, dict[str, float]]:
+    """Return the name of the candidate adapter with the lowest NLL of the original, and every score.
+
+    Args:
+        candidates: name -> adapter tensors (PEFT key names), all for the original model.
+        acfg: the adapter_config to write beside them.
+        base_dir: the original model.
+        emanifest: the emulator's manifest (calibration file, draw seed and size, max length).
+        cfg: the `CorrectConfig` (calibration, device, select_records).
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .train import load_model
+
+    ecfg = emanifest.get("config", {})
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    examples = sample(load_examples(calibration_file(cfg.calibration, emanifest), tok, int(ecfg.get("max_length", 512))),
+                      10**9, int(ecfg.get("seed", 0)))
+    used = int(emanifest.get("calibration", {}).get("samples", ecfg.get("samples", 64)))
+    held = examples[used: used + cfg.select_records]
+    if not held:
+        log.warning("the calibration file has no records beyond the calibration draw; auto scores on calibration records")
+        held = examples[: cfg.select_records]
+    net = load_model(base_dir, cfg.device, ecfg.get("dtype", "auto"))
+    device = next(net.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    batches = [collate(held[i:i + 8], pad) for i in range(0, len(held), 8)]
+    scores: dict[str, float] = {}
+    peft_model = None
+    with tempfile.TemporaryDirectory(prefix="emloc-select-") as tmp:
+        for name, tensors in candidates.items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+            (folder / "adapter_config.json").write_text(json.dumps({**acfg, "base_model_name_or_path": str(base_dir)}))
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(net, folder, adapter_name=name)
+            else:
+                peft_model.load_adapter(folder, adapter_name=name)
+            peft_model.set_adapter(name)
+            peft_model.eval()
+            total, count = 0.0, 0
+            for b in batches:
+                s, n = answer_nll(peft_model, b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
+                total, count = total + float(s), count + n
+            scores[name] = total / max(count, 1)
+    return min(scores, key=lambda k: scores[k]), scores
