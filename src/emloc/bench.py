@@ -164,8 +164,12 @@ def _row(method: str, ratio: float | None, seed: int, ev: dict[str, Any], **stag
     return row
 
 
-def run_bench(output: str | Path, config: BenchConfig | None = None, command: str = "") -> dict[str, Any]:
+def run_bench(output: str | Path, config: BenchConfig | None = None, command: str = "",
+              report_only: bool = False) -> dict[str, Any]:
     """Run every row of the benchmark into `output` (resuming finished rows) and write the report.
+
+    With `report_only`, nothing runs: the report is written from the rows already finished and
+    lists the others as not run.
 
     Returns:
         The report: {"rows": [...], "config", "versions", ...}; also written as report.json,
@@ -243,14 +247,23 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         small = str(resolve_model(cfg.smaller))
         jobs.append(("smaller", lambda: _row(f"LoRA on {cfg.smaller}", None, first, r.eval(
             "smaller", small, eval_f, r.train("smaller", small, train_f, eval_f, first)), train=work / "smaller")))
-    # the other seeds' repeats last: an interrupted bench has every kind of row for the first seed
-    jobs.sort(key=lambda job: any(job[0].endswith(f"-s{s}") for s in cfg.seeds[1:]))
+    # main rows first (the first seed, then the repeats), then baselines, then ablations: an interrupted
+    # bench has the headline comparison and its seed spread
+    def priority(name: str) -> int:
+        if name.startswith(("zero-shot", "lora-original", "emloc-")):
+            return 0 if name.endswith(f"-s{first}") else 1
+        return 2 if name.startswith(tuple(BASELINES)) else 3
+    jobs.sort(key=lambda job: priority(job[0]))
 
     rows: list[dict[str, Any]] = []
+    skipped_rows: list[str] = []
     for name, job in tqdm(jobs, desc="bench rows", unit="row"):
         f = rows_dir / f"{name}.json"
         if f.is_file():
             got = json.loads(f.read_text())
+        elif report_only:
+            skipped_rows.append(name)
+            continue
         else:
             got = job()
             got = got if isinstance(got, list) else [got]
@@ -258,6 +271,8 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         rows += got
     qlora = "not run: bitsandbytes 4-bit needs a CUDA GPU" if r.cfg.device == "cpu" or not _cuda() else "not implemented in this version"
     skipped = {**NOT_RUN, "QLoRA (4-bit base)": qlora}
+    if skipped_rows:
+        skipped["unfinished rows"] = ", ".join(skipped_rows) + " (stopped for time; rerun without --report-only to finish)"
     report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
               "not_run": skipped, "versions": versions(), "wall_seconds": round(watch.seconds, 1)}
     _recovered(rows)

@@ -188,7 +188,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
     if ns.data:
         cfg = dataclasses.replace(cfg, data=ns.data, eval_data=ns.eval_data)
     out = ns.output or f"bench-{ns.preset}"
-    run_bench(out, cfg, command="emloc " + " ".join(ns.argv))
+    run_bench(out, cfg, command="emloc " + " ".join(ns.argv), report_only=ns.report_only)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -257,6 +257,7 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
     bn.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (finished rows are reused)")
+    bn.add_argument("--report-only", action="store_true", help="write the report from the finished rows; run nothing")
     bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match) or chatterbot-en "
                     "(default: the preset's)")
     bn.add_argument("--data", help="JSONL training data (default: the embedded task)")
