@@ -600,8 +600,11 @@ def _correct(shape: ModelShape, cfg: PlanConfig, lora: int, ratio: float) -> Est
       twice (block inputs and outputs, 2 x S x T_c x d x w), one block's Grams (n^2 s each) plus the
       larger of the accumulation (the widest input's product x^T x, n^2 s, and x cast, T_c n s) and
       a layer's correction (its Gram cast to fp32 when s = 8, 4 n^2, and W, W_e, W - W_e in fp32,
-      12 m n). On cuda the streaming runs on the GPU (smaller than `build`, which is checked there);
-      the host then holds the adapter, one Gram and one layer.
+      12 m n). The last Gram of the previous block is still referenced (by the loop variables of
+      the generators `stats.stream_input_grams` and `correct._weighted_statistics`) while the next
+      block accumulates: one more n^2 s of the last compressed layer (down_proj: its input is the
+      MLP width). On cuda the streaming runs on the GPU (smaller than `build`, which is checked
+      there); the host then holds the adapter, one Gram and one layer.
     """
     w, s = _dtype_bytes(cfg.dtype), _dtype_bytes(cfg.stats_dtype)
     parts = {"adapter x2": 2 * lora * 4, "runtime": CPU_OVERHEAD}
@@ -618,7 +621,8 @@ def _correct(shape: ModelShape, cfg: PlanConfig, lora: int, ratio: float) -> Est
         parts |= {"non-block weights": nonblock_resident(shape, cfg, shape.checkpoint_bytes == w),
                   "one block": shape.block_params * w,
                   "calibration states": 2 * cfg.calibration_samples * cfg.calibration_len * shape.hidden * w,
-                  "grams + work": grams + max(accumulate, layer)}
+                  "grams + work": grams + max(accumulate, layer),
+                  "previous block's last gram": block[-1][1] ** 2 * s if block else 0}
     else:
         parts["one gram + layer"] = max((n * n * (s + 4) + 12 * m * n for m, n in block), default=0)
     return Estimate("correct", parts, host=True)
