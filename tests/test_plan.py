@@ -239,11 +239,15 @@ def test_big_model_on_gpu_ignores_vocab_used(big_shape):
 def test_weighted_correction_streams_statistics():
     shape = model_shape(_small_qwen(False))
     cfg = dict(batch=2, seq_len=64, dtype="fp32", device="cpu", ratios=(1.0, 0.5))
-    weighted = predict(shape, PlanConfig(**cfg)).correct
+    weighted = predict(shape, PlanConfig(correction="weighted", **cfg)).correct
     paper = predict(shape, PlanConfig(correction="paper", **cfg)).correct
     assert "grams + work" in weighted.parts and "tokenizer" in weighted.parts and "tokenizer" not in paper.parts
     assert weighted.total > paper.total
-    assert predict(shape, PlanConfig(stats_dtype="float32", **cfg)).correct.total < weighted.total
+    assert predict(shape, PlanConfig(correction="weighted", stats_dtype="float32", **cfg)).correct.total < weighted.total
+    # auto also runs the original on the candidates: never below weighted, and it holds the original's weights
+    auto = predict(shape, PlanConfig(**cfg))
+    assert auto.correct.total >= weighted.total
+    assert auto.correct.total >= shape.total_params * 4 - 64 * 2**20
     with pytest.raises(EmlocError, match="correction"):
         predict(shape, PlanConfig(correction="exact"))
 

@@ -230,6 +230,7 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     stats = {"float64": torch.float64, "float32": torch.float32}[ecfg.get("stats_dtype", "float64")]
     for m, g in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(ecfg.get("dtype", "auto"), device), stats):
         yield m, g.to("cpu")
+        del g
 
 
 def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Tensor], modules: list[str],

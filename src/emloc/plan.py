@@ -76,8 +76,9 @@ class PlanConfig:
         stats_dtype: float64 or float32, the Gram/SVD dtype of `emloc build`.
         host_budget: host memory in bytes for the CPU-only stages (correct, merge) when device is cuda;
             None: not checked. On cpu, `budget` applies to every stage.
-        correction: the `emloc correct` mode: weighted (the default; streams the original's blocks over
-            the calibration records for its statistics), paper or none (no statistics).
+        correction: the `emloc correct` mode: auto (the default: weighted's streaming, then the
+            original scores the candidates at inference cost), weighted (streams the original's
+            blocks over the calibration records for its statistics), paper or none (no statistics).
         vocab_used: distinct token ids in the data (None: assume every row of the vocabulary is read,
             the safe default). Only used on cpu for an untied input embedding stored in the compute
             dtype; see `unread_embedding_bytes`.
@@ -96,7 +97,7 @@ class PlanConfig:
     device: str = "cuda"
     stats_dtype: str = "float64"
     host_budget: int | None = None
-    correction: str = "weighted"
+    correction: str = "auto"
     vocab_used: int | None = None
 
 
@@ -606,6 +607,12 @@ def _correct(shape: ModelShape, cfg: PlanConfig, lora: int, ratio: float) -> Est
       MLP width). On cuda the streaming runs on the GPU (smaller than `build`, which is checked
       there); the host then holds the adapter, one Gram and one layer.
     """
+    if cfg.correction == "auto":
+        from dataclasses import replace
+
+        weighted = _correct(shape, replace(cfg, correction="weighted"), lora, ratio)
+        select = _selection(shape, cfg, lora)
+        return weighted if weighted.total >= select.total or cfg.device != "cpu" else select
     w, s = _dtype_bytes(cfg.dtype), _dtype_bytes(cfg.stats_dtype)
     parts = {"adapter x2": 2 * lora * 4, "runtime": CPU_OVERHEAD}
     if cfg.correction != "weighted":
@@ -626,6 +633,23 @@ def _correct(shape: ModelShape, cfg: PlanConfig, lora: int, ratio: float) -> Est
     else:
         parts["one gram + layer"] = max((n * n * (s + 4) + 12 * m * n for m, n in block), default=0)
     return Estimate("correct", parts, host=True)
+
+
+def _selection(shape: ModelShape, cfg: PlanConfig, lora: int) -> Estimate:
+    """Mode auto's selection phase (`emloc.selection`): the original scores three candidate adapters.
+
+    The original's weights as inference holds them (less the unread embedding rows), the three
+    candidates and PEFT's copies of them in fp32 (6 x lora x 4), a batch of 8 calibration records
+    through one block, 8 T_c (4 d + 3 I) w, the answer loss's fp32 logits for one chunk, 256 V x 4,
+    the tokenizer and the runtime. On cuda this phase runs on the GPU, inside the inference budget.
+    """
+    w = _dtype_bytes(cfg.dtype)
+    tokens = 8 * cfg.calibration_len
+    return Estimate("correct", {
+        "original weights": shape.total_params * w - unread_embedding_bytes(shape, cfg, shape.checkpoint_bytes == w),
+        "candidate adapters": 6 * lora * 4, "activations": tokens * (4 * shape.hidden + 3 * shape.intermediate) * w,
+        "logits chunk": min(256, tokens) * shape.vocab * 4, "tokenizer": tokenizer_bytes(shape), "runtime": CPU_OVERHEAD},
+        host=True)
 
 
 def _merge(shape: ModelShape, cfg: PlanConfig, lora: int) -> Estimate:
@@ -656,8 +680,8 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
     if cfg.device not in ("cuda", "cpu"):
         raise EmlocError(f"unknown device {cfg.device!r}; use cuda or cpu")
     _dtype_bytes(cfg.dtype)
-    if cfg.correction not in ("weighted", "paper", "none"):
-        raise EmlocError(f"unknown correction mode {cfg.correction!r}; use weighted, paper or none")
+    if cfg.correction not in ("auto", "weighted", "paper", "none"):
+        raise EmlocError(f"unknown correction mode {cfg.correction!r}; use auto, weighted, paper or none")
     if cfg.stats_dtype not in ("float64", "float32"):
         raise EmlocError(f"unknown stats dtype {cfg.stats_dtype!r}; use float64 or float32")
     if not cfg.ratios or any(not (0 < r <= 1) for r in cfg.ratios):

@@ -102,6 +102,7 @@ def stream_input_grams(base_dir: Path, ids: list[list[int]], modules: set[str], 
             if not torch.isfinite(g).all():
                 raise EmlocError(f"non-finite activations entering {bprefix + rel} (dtype {dtype}); use --dtype float32")
             yield bprefix + rel, g
+            del g  # not alive while the next block runs
         inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
         to_meta(block)
         store.release()
