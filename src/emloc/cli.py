@@ -281,7 +281,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
     r.add_argument("--batch-size", type=int, default=d_tr.batch_size, help=f"global batch (default: {d_tr.batch_size})")
     r.add_argument("--micro-batch-size", type=int, default=d_tr.micro_batch_size, help="records per forward pass")
-    r.add_argument("--mode", default="weighted", help="correction: weighted, paper or none (default: weighted)")
+    r.add_argument("--mode", default="auto", help="correction: auto, weighted, paper or none (default: auto)")
     r.add_argument("--clamp", type=_optional_float, default=3.0, help="clamp L of --mode paper, or none (default: 3)")
     r.add_argument("--eval-samples", type=int, default=None, help="evaluate at most this many held-out records")
     r.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=False, help="also greedy exact match")
