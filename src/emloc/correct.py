@@ -242,6 +242,10 @@ def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Ten
     report: dict[str, Any] = {}
     new = dict(tensors)
     if mode == "none":
+        for mod in modules:
+            b = tensors[f"{prefix}{mod}.lora_B.weight"]
+            report[mod] = {"scaling": scaling(acfg, mod, b.shape[1]), "correction_norm": 0.0, "lora_norm": float(b.float().norm()),
+                           "clamped": 0, "rank": b.shape[1]}
         return new, report
     work = _weighted_statistics(cfg, emanifest, base_dir, modules) if mode == "weighted" else ((m, None) for m in modules)
     for i, (mod, gram) in enumerate(tqdm(work, total=len(modules), desc=f"correcting LoRA ({mode})", unit="layer")):
