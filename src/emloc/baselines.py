@@ -91,6 +91,8 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
 
     from .stats import calibration_ids, stream_input_grams
 
+    if method not in METHODS:
+        raise EmlocError(f"unknown emulator method {method!r}; use svd, {', '.join(METHODS)}")
     if not isinstance(cfg.ratio, (int, float)) or not 0 < cfg.ratio <= 1:
         raise EmlocError(f"--method {method} takes one ratio in (0, 1] (got {cfg.ratio!r})")
     watch = Stopwatch()
@@ -115,7 +117,7 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
         if isinstance(getattr(text, "layer_types", None), list):
             text.layer_types = [text.layer_types[i] for i in keep]
         info = {"block_map": {str(j): i for j, i in enumerate(keep)}}
-    elif method == "channel-prune":
+    else:  # channel-prune
         producers, consumer = mlp_layers(blocks[0])
         lins = dict(block_linears(blocks[0]))
         width, d_total = lins[consumer].in_features, sum(lin.in_features * lin.out_features for lin in lins.values())
@@ -155,8 +157,6 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
         text.intermediate_size = k
         info = {"mlp_producers": producers, "mlp_consumer": consumer, "mlp_width": width, "channels_kept": k,
                 "channels": channels}
-    else:
-        raise EmlocError(f"unknown emulator method {method!r}; use svd, {', '.join(METHODS)}")
     shards["rest.safetensors"] = rest
     params = sum(v.numel() for t in shards.values() for v in t.values())
     manifest = {"kind": "emulator", "method": method, "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),

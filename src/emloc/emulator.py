@@ -27,9 +27,9 @@ from .checkpoint import fault_point
 from .data import read_jsonl
 from .errors import EmlocError
 from .lowrank import EIG_FLOOR, LowRankLinear, factorize, rank_for_ratio, saves_parameters
-from .stats import calibration_ids
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
                      materialize, parse_device, parse_dtype, resolve_model, to_meta)
+from .stats import calibration_ids
 
 log = logging.getLogger("emloc")
 
