@@ -22,7 +22,7 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
               "EMLoC uncorrected", "EMLoC adapter on the emulator", "ablation: paper correction, clamp L=none",
               "ablation: plain SVD, weighted", "ablation: sequential calibration, weighted",
               "ablation: 4 calibration samples, weighted", "Offsite-style emulator (layer drop)",
-              "pruning emulator (MLP channels)"):
+              "pruning emulator (MLP channels)", "EMLoC (auto correction, the default)"):
         assert m in methods, m
     assert "QLoRA (4-bit base)" in report["not_run"]
     emloc_row = next(r for r in report["rows"] if r["method"] == "EMLoC (weighted correction)")
@@ -30,6 +30,12 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     assert emloc_row["trained_model_params"] < lora_row["trained_model_params"]
     assert emloc_row["train_peak_rss_mb"] > 0 and emloc_row["build_peak_rss_mb"] > 0
     assert "recovered" in emloc_row
+    auto = next(r for r in report["rows"] if r["method"] == "EMLoC (auto correction, the default)")
+    assert auto["chosen"] in auto["selection"] and set(auto["selection"]) == {"none", "weighted", "paper"}
+    # the row's NLL is that of the candidate auto chose (its evaluation reused or redone)
+    twin = {"none": "EMLoC uncorrected", "weighted": "EMLoC (weighted correction)",
+            "paper": "EMLoC (paper correction, L=3)"}[auto["chosen"]]
+    assert auto["nll"] == pytest.approx(next(r["nll"] for r in report["rows"] if r["method"] == twin), rel=1e-6)
     assert (out / "report.md").read_text().count("|") > 20 and (out / "quality_vs_memory.png").stat().st_size > 1000
     # a rerun reuses every finished row (no stage runs again)
     stamp = (out / "rows" / "zero-shot-s0.json").stat().st_mtime

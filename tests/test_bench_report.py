@@ -1,0 +1,54 @@
+"""The bench report's arithmetic: recovered fraction, seed spread, and the auto row's twin check."""
+
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emloc.bench import _recovered, _same_tensors, format_report, seed_spread
+
+
+def _rows():
+    rows = []
+    for seed, (zero, full, emloc) in enumerate([(3.0, 1.0, 1.5), (3.0, 0.8, 1.7), (3.0, 1.2, 1.6)]):
+        rows += [{"method": "zero-shot original", "ratio": None, "seed": seed, "nll": zero, "exact_match": 0.0},
+                 {"method": "LoRA on the original", "ratio": None, "seed": seed, "nll": full, "exact_match": 0.8},
+                 {"method": "EMLoC", "ratio": 0.5, "seed": seed, "nll": emloc, "exact_match": 0.1 * seed}]
+    rows.append({"method": "baseline", "ratio": 0.5, "seed": 0, "nll": 2.0, "exact_match": None})
+    return rows
+
+
+def test_recovered_is_per_seed():
+    rows = _rows()
+    _recovered(rows)
+    emloc = [r for r in rows if r["method"] == "EMLoC"]
+    assert [r["recovered"] for r in emloc] == pytest.approx([(3 - 1.5) / 2.0, (3 - 1.7) / 2.2, (3 - 1.6) / 1.8])
+    assert next(r for r in rows if r["method"] == "baseline")["recovered"] == pytest.approx(0.5)
+
+
+def test_seed_spread_only_for_repeated_rows():
+    rows = _rows()
+    _recovered(rows)
+    spread = {(x["method"], x["ratio"]): x for x in seed_spread(rows)}
+    assert ("baseline", 0.5) not in spread  # one seed: no spread
+    e = spread[("EMLoC", 0.5)]
+    assert e["seeds"] == "0, 1, 2"
+    assert e["nll_mean"] == pytest.approx(1.6) and e["nll_std"] == pytest.approx(statistics.stdev([1.5, 1.7, 1.6]))
+    assert e["recovered_min"] == pytest.approx(1.3 / 2.2) and e["recovered_max"] == pytest.approx(1.4 / 1.8)
+    report = {"command": "emloc bench", "base": "/m/base", "task": "t", "versions": {"emloc": "0"}, "rows": rows,
+              "not_run": {"QLoRA": "no GPU"}}
+    md = format_report(report)
+    assert "Spread over seeds" in md and "| EMLoC | 0.5 | 0, 1, 2 | 1.6000 ± 0.1000 |" in md
+
+
+def test_same_tensors(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    t = {"x.lora_A.weight": torch.randn(2, 3), "x.lora_B.weight": torch.randn(3, 2)}
+    for folder, tensors in ((a, t), (b, {k: v.clone() for k, v in t.items()}),
+                            (c, {**t, "x.lora_B.weight": t["x.lora_B.weight"] + 1e-6})):
+        folder.mkdir()
+        save_file(tensors, folder / "adapter_model.safetensors")
+    assert _same_tensors(a, b)
+    assert not _same_tensors(a, c)
+    assert not _same_tensors(a, tmp_path / "missing")
