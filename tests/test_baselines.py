@@ -37,6 +37,10 @@ def test_layer_drop_adapter_lands_on_the_blocks_it_was_trained_on(deep_base, tin
     m = json.loads((emu / "manifest.json").read_text())
     assert m["method"] == "layer-drop" and len(m["block_map"]) == 3
     assert json.loads((emu / "config.json").read_text())["num_hidden_layers"] == 3
+    # one shard per kept block (written as each block is copied) plus the non-block weights
+    shards = sorted(f.name for f in emu.glob("*.safetensors"))
+    assert shards == [f"block-{j:05d}.safetensors" for j in range(3)] + ["rest.safetensors"]
+    assert m["params"]["emulator"] == sum(v.numel() for f in emu.glob("*.safetensors") for v in load_file(f).values())
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=2, lr=1e-2, device="cpu", eval_fraction=0))
     with pytest.raises(EmlocError, match="--mode none"):
         correct_adapter(ad, tmp_path / "bad", config=CorrectConfig(mode="weighted"))
@@ -63,6 +67,8 @@ def test_channel_prune_keeps_the_ratio_and_zero_fills_dropped_channels(deep_base
     k, width = m["channels_kept"], m["mlp_width"]
     assert m["mlp_consumer"] == "mlp.down_proj" and set(m["mlp_producers"]) == {"mlp.gate_proj", "mlp.up_proj"}
     assert 0 < k < width and json.loads((emu / "config.json").read_text())["intermediate_size"] == k
+    assert len(list(emu.glob("block-*.safetensors"))) == 6
+    assert m["params"]["emulator"] == sum(v.numel() for f in emu.glob("*.safetensors") for v in load_file(f).values())
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=2, lr=1e-2, device="cpu", eval_fraction=0))
     out = correct_adapter(ad, tmp_path / "mapped", config=CorrectConfig(mode="none"))
     src, dst = load_file(ad / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")

@@ -11,8 +11,9 @@
 
 Both write an emulator folder (`kind: emulator`, `method` in the manifest) that loads, trains and
 evaluates like an SVD emulator; `emloc correct --mode none` maps its adapter back onto the
-original (`to_original`). Weights are streamed tensor by tensor; the pruning scores come from the
-same block-by-block calibration pass as EMLoC's (`emloc.stats`).
+original (`to_original`). Weights are streamed block by block, each block written to its own
+shard before the next is read; the pruning scores come from the same block-by-block calibration
+pass as EMLoC's (`emloc.stats`).
 """
 
 from __future__ import annotations
@@ -62,22 +63,33 @@ def mlp_layers(block: torch.nn.Module) -> tuple[list[str], str]:
     return producers, consumer
 
 
-def _write(tmp: Path, base_dir: Path, config: Any, shards: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
-    weight_map: dict[str, str] = {}
-    for fname, tensors in shards.items():
-        save_file(tensors, tmp / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in tensors})
-    write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-    config.save_pretrained(tmp)
-    copy_tokenizer_files(base_dir, tmp)
-    if (base_dir / "generation_config.json").is_file():
-        shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
-    manifest["fingerprint"] = fingerprint(tmp)
-    write_json(tmp / MANIFEST, manifest)
+class _ShardWriter:
+    """Writes an emulator folder's weights shard by shard, so a build holds one block at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.weight_map, self.params = folder, {}, 0
+
+    def __call__(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file(tensors, self.folder / fname, metadata={"format": "pt"})
+        self.weight_map.update({k: fname for k in tensors})
+        self.params += sum(v.numel() for v in tensors.values())
+
+    def finish(self, base_dir: Path, config: Any, manifest: dict[str, Any]) -> None:
+        write_json(self.folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map})
+        config.save_pretrained(self.folder)
+        copy_tokenizer_files(base_dir, self.folder)
+        if (base_dir / "generation_config.json").is_file():
+            shutil.copy2(base_dir / "generation_config.json", self.folder / "generation_config.json")
+        manifest["params"]["emulator"] = self.params
+        manifest["fingerprint"] = fingerprint(self.folder)
+        write_json(self.folder / MANIFEST, manifest)
 
 
 def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path, cfg: Any, overwrite: bool) -> Path:
     """Build a `layer-drop` or `channel-prune` emulator of `base_dir` keeping `cfg.ratio` of the block linears.
+
+    Each kept (or pruned) block is written to its own shard as soon as it is ready and released, so
+    the build holds one block of weights at a time (plus, for channel-prune, one block's Grams).
 
     Args:
         method: `layer-drop` or `channel-prune`.
@@ -87,10 +99,6 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
         cfg: the `EmulatorConfig` (ratio must be one number; samples, max_length, seed, device, dtype).
         overwrite: replace a non-empty output.
     """
-    from transformers import AutoTokenizer
-
-    from .stats import calibration_ids, stream_input_grams
-
     if method not in METHODS:
         raise EmlocError(f"unknown emulator method {method!r}; use svd, {', '.join(METHODS)}")
     if not isinstance(cfg.ratio, (int, float)) or not 0 < cfg.ratio <= 1:
@@ -102,71 +110,88 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
     blocks_name, blocks = find_blocks(model)
     prefix = blocks_name + "."
     names = [n for n, _ in model.named_parameters()]
-    total = sum(p.numel() for p in model.parameters())
-    info: dict[str, Any] = {}
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    rest = {n: store.get(n).contiguous() for n in names if not n.startswith(prefix)}
-    if method == "layer-drop":
-        keep = kept_blocks(len(blocks), float(cfg.ratio))
-        for j, i in enumerate(tqdm(keep, desc="copying kept blocks", unit="block")):
-            shards[f"block-{j:05d}.safetensors"] = {f"{prefix}{j}.{n[len(f'{prefix}{i}.'):]}": store.get(n).contiguous()
-                                                    for n in names if n.startswith(f"{prefix}{i}.")}
-            store.release()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        text.num_hidden_layers = len(keep)
-        if isinstance(getattr(text, "layer_types", None), list):
-            text.layer_types = [text.layer_types[i] for i in keep]
-        info = {"block_map": {str(j): i for j, i in enumerate(keep)}}
-    else:  # channel-prune
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if method == "channel-prune":
         producers, consumer = mlp_layers(blocks[0])
-        lins = dict(block_linears(blocks[0]))
-        width, d_total = lins[consumer].in_features, sum(lin.in_features * lin.out_features for lin in lins.values())
-        per_channel = sum(lins[n].in_features for n in producers) + lins[consumer].out_features
-        other = d_total - per_channel * width
-        k = int(max(1, min(width, (float(cfg.ratio) * d_total - other) // per_channel)))
-        if float(cfg.ratio) * d_total <= other:
-            raise EmlocError(f"ratio {cfg.ratio} is below what pruning only MLP channels can reach "
-                             f"({other / d_total:.2f} of the block linears is attention); use a larger ratio")
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
-        device = parse_device(cfg.device)
-        wanted = {f"{prefix}{i}.{consumer}" for i in range(len(blocks))}
-        channels: dict[str, list[int]] = {}
-        for name, gram in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(cfg.dtype, device)):
-            bp = name[: -len(consumer)]
-            w_out = store.get(name + ".weight").double()
-            score = gram.diagonal().double().clamp(min=0).sqrt() * w_out.norm(dim=0)
-            idx = torch.topk(score, k).indices.sort().values
-            channels[bp] = idx.tolist()
-            t = {}
-            for n in names:
-                if not n.startswith(bp):
-                    continue
-                rel = n[len(bp):]
-                v = store.get(n)
-                if any(rel.startswith(p + ".") for p in producers):
-                    v = v[idx]  # rows (and biases) of the channel producers
-                elif rel == consumer + ".weight":
-                    v = v[:, idx]
-                t[n] = v.contiguous()
-            shards[f"block-{int(bp[len(prefix):-1]):05d}.safetensors"] = t
-            store.release()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if not hasattr(text, "intermediate_size"):
             raise EmlocError(f"{config.model_type} has no intermediate_size in its config; channel pruning cannot resize it")
-        text.intermediate_size = k
-        info = {"mlp_producers": producers, "mlp_consumer": consumer, "mlp_width": width, "channels_kept": k,
-                "channels": channels}
-    shards["rest.safetensors"] = rest
-    params = sum(v.numel() for t in shards.values() for v in t.values())
-    manifest = {"kind": "emulator", "method": method, "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),
-                "blocks": blocks_name, "config": cfg, "calibration": {"file": str(calibration), "samples": cfg.samples},
-                "params": {"base": total, "emulator": params}, "layers": {}, **info, "versions": versions()}
+        k = _channels_kept(blocks[0], producers, consumer, float(cfg.ratio))
+    manifest: dict[str, Any] = {
+        "kind": "emulator", "method": method, "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),
+        "blocks": blocks_name, "config": cfg, "calibration": {"file": str(calibration), "samples": cfg.samples},
+        "params": {"base": sum(p.numel() for p in model.parameters())}, "layers": {}, "versions": versions()}
     with staged_output(output, overwrite) as tmp:
+        emit = _ShardWriter(tmp)
+        if method == "layer-drop":
+            keep = kept_blocks(len(blocks), float(cfg.ratio))
+            for j, i in enumerate(tqdm(keep, desc="copying kept blocks", unit="block")):
+                emit(f"block-{j:05d}.safetensors", {f"{prefix}{j}.{n[len(f'{prefix}{i}.'):]}": store.get(n).contiguous()
+                                                    for n in names if n.startswith(f"{prefix}{i}.")})
+                store.release()
+            text.num_hidden_layers = len(keep)
+            if isinstance(getattr(text, "layer_types", None), list):
+                text.layer_types = [text.layer_types[i] for i in keep]
+            manifest["block_map"] = {str(j): i for j, i in enumerate(keep)}
+        else:
+            channels = _prune_blocks(base_dir, calibration, cfg, store, names, prefix, len(blocks), producers, consumer, k, emit)
+            text.intermediate_size = k
+            manifest.update(mlp_producers=producers, mlp_consumer=consumer, mlp_width=dict(block_linears(blocks[0]))[consumer].in_features,
+                            channels_kept=k, channels=channels)
+        emit("rest.safetensors", {n: store.get(n).contiguous() for n in names if not n.startswith(prefix)})
+        store.release()
         manifest.update(wall_seconds=round(watch.seconds, 1), **peak_memory_mb())
-        _write(tmp, base_dir, config, shards, manifest)
+        emit.finish(base_dir, config, manifest)
     print(watch.summary("build", output))
     return output
+
+
+def _channels_kept(block: torch.nn.Module, producers: list[str], consumer: str, ratio: float) -> int:
+    """MLP channels per block such that the block linears keep `ratio` of their parameters."""
+    lins = dict(block_linears(block))
+    width, d_total = lins[consumer].in_features, sum(lin.in_features * lin.out_features for lin in lins.values())
+    per_channel = sum(lins[n].in_features for n in producers) + lins[consumer].out_features
+    other = d_total - per_channel * width
+    if ratio * d_total <= other:
+        raise EmlocError(f"ratio {ratio} is below what pruning only MLP channels can reach "
+                         f"({other / d_total:.2f} of the block linears is attention); use a larger ratio")
+    return int(max(1, min(width, (ratio * d_total - other) // per_channel)))
+
+
+def _prune_blocks(base_dir: Path, calibration: Path, cfg: Any, store: WeightStore, names: list[str], prefix: str,
+                  n_blocks: int, producers: list[str], consumer: str, k: int, emit: _ShardWriter) -> dict[str, list[int]]:
+    """Score, prune and write every block as the calibration pass streams past; return the kept channels."""
+    from transformers import AutoTokenizer
+
+    from .stats import calibration_ids, stream_input_grams
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
+    device = parse_device(cfg.device)
+    wanted = {f"{prefix}{i}.{consumer}" for i in range(n_blocks)}
+    channels: dict[str, list[int]] = {}
+    for name, gram in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(cfg.dtype, device)):
+        bp = name[: -len(consumer)]
+        w_out = store.get(name + ".weight").double()
+        # Wanda-style: RMS input activation of the channel x norm of the weights that read it
+        score = gram.diagonal().double().clamp(min=0).sqrt() * w_out.norm(dim=0)
+        del gram
+        idx = torch.topk(score, k).indices.sort().values
+        channels[bp] = idx.tolist()
+        t = {}
+        for n in names:
+            if not n.startswith(bp):
+                continue
+            rel = n[len(bp):]
+            v = store.get(n)
+            if any(rel.startswith(p + ".") for p in producers):
+                v = v[idx]  # rows (and biases) of the channel producers
+            elif rel == consumer + ".weight":
+                v = v[:, idx]
+            t[n] = v.contiguous()
+        emit(f"block-{int(bp[len(prefix):-1]):05d}.safetensors", t)
+        del t
+        store.release()
+    return channels
 
 
 def to_original(tensors: dict[str, torch.Tensor], emanifest: dict[str, Any]) -> dict[str, torch.Tensor]:
