@@ -50,6 +50,8 @@ class BenchConfig:
         calibration_sizes: calibration sizes for the calibration ablation.
         plain_svd: add the plain (non-whitened) SVD ablation.
         sequential: add the sequential-calibration ablation.
+        other_calibration: an embedded task whose training records calibrate an extra emulator (the
+            off-task calibration ablation), or None.
         smaller: a smaller model of the same family to train with LoRA, or None.
         stats_dtype: float64 or float32 statistics/SVD in the builds.
         device: auto, cpu or cuda.
@@ -73,6 +75,7 @@ class BenchConfig:
     calibration_sizes: tuple[int, ...] = (8, 16, 256)
     plain_svd: bool = True
     sequential: bool = True
+    other_calibration: str | None = "chatterbot-en"
     smaller: str | None = None
     stats_dtype: str = "float64"
     device: str = "auto"
@@ -85,9 +88,10 @@ PRESETS: dict[str, BenchConfig] = {
                          sequential=False),
     # the ablations run on `small`; on CPU each Qwen training takes tens of minutes
     "qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5,), steps=150, clamps=(), calibration_sizes=(),
-                        plain_svd=False, sequential=False),
+                        plain_svd=False, sequential=False, other_calibration=None),
     "bigger-in-budget": BenchConfig(base="qwen2.5-coder-1.5b", ratios=(0.3,), steps=150, smaller="qwen2.5-coder-0.5b",
-                                    clamps=(), calibration_sizes=(), plain_svd=False, sequential=False),
+                                    clamps=(), calibration_sizes=(), plain_svd=False, sequential=False,
+                                    other_calibration=None),
 }
 
 NOT_RUN: dict[str, str] = {}
@@ -246,9 +250,9 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                 f"adapter-{q}-s{first}", str(r.build(f"emulator-{q}", base, train_f, q, cfg.samples)), train_f, eval_f, first), c)),
             correct=work / f"corrected-{q}-L{n}")))
 
-    def ablation(tag: str, label: str, samples: int, *flags: str):
+    def ablation(tag: str, label: str, samples: int, *flags: str, calibration: str | None = None):
         def go() -> list[dict[str, Any]]:
-            emu = r.build(f"emulator-{q}-{tag}", base, train_f, q, samples, *flags)
+            emu = r.build(f"emulator-{q}-{tag}", base, calibration or train_f, q, samples, *flags)
             ad = r.train(f"adapter-{q}-{tag}", str(emu), train_f, eval_f, first)
             cor = r.correct(f"weighted-{q}-{tag}", ad, None, "weighted")
             return [_row(f"ablation: {label}, weighted", q, first, r.eval(f"weighted-{q}-{tag}", base, eval_f, cor),
@@ -260,6 +264,10 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         jobs.append(("plain-svd", ablation("plain", "plain SVD", cfg.samples, "--no-whiten")))
     if cfg.sequential:
         jobs.append(("sequential", ablation("seq", "sequential calibration", cfg.samples, "--sequential")))
+    if cfg.other_calibration and cfg.data is None and cfg.other_calibration != cfg.task:
+        other = str(default_task(cfg.other_calibration)[0])
+        jobs.append(("other-calibration", ablation("other", f"calibrated on {cfg.other_calibration} (off-task)", cfg.samples,
+                                                   calibration=other)))
     for n in cfg.calibration_sizes:
         jobs.append((f"calib-{n}", ablation(f"calib{n}", f"{n} calibration samples", n)))
     if cfg.smaller:
