@@ -20,7 +20,8 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     methods = {r["method"] for r in report["rows"]}
     for m in ("zero-shot original", "LoRA on the original", "EMLoC (weighted correction)", "EMLoC (paper correction, L=3)",
               "EMLoC uncorrected", "EMLoC adapter on the emulator", "ablation: paper correction, clamp L=none",
-              "ablation: plain SVD, weighted", "ablation: sequential calibration, weighted",
+              "ablation: plain SVD, weighted", "ablation: energy rank allocation, weighted",
+              "ablation: sequential calibration, weighted",
               "ablation: 4 calibration samples, weighted", "ablation: calibrated on chatterbot-en (off-task), weighted",
               "Offsite-style emulator (layer drop)",
               "pruning emulator (MLP channels)", "EMLoC (auto correction, the default)"):

@@ -122,3 +122,21 @@ def test_other_architectures_work_unchanged(family, tmp_path, tiny_data):
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=2, rank=2, device="cpu", eval_fraction=0))
     out = correct_adapter(ad, tmp_path / "c")
     assert json.loads((out / "manifest.json").read_text())["directions"] == 2 * len(layers)
+
+
+def test_energy_allocation_keeps_each_block_budget_and_lowers_its_error(tiny_base, tiny_data, tmp_path, tiny_emulator):
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "energy",
+                         EmulatorConfig(ratio=0.5, samples=32, allocation="energy", device="cpu"))
+    m = json.loads((emu / "manifest.json").read_text())
+    u = json.loads((tiny_emulator / "manifest.json").read_text())
+    for b in (0, 1):
+        mine = {k: v for k, v in m["layers"].items() if f"layers.{b}." in k}
+        ref = {k: v for k, v in u["layers"].items() if f"layers.{b}." in k}
+        assert sum(v["params_after"] for v in mine.values()) <= sum(v["params_after"] for v in ref.values())
+        assert sum(v["rel_error"] for v in mine.values()) < sum(v["rel_error"] for v in ref.values())
+    assert any(m["layers"][k]["rank"] != u["layers"][k]["rank"] for k in m["layers"])
+    model = load_emulator(emu, device="cpu")  # ranks come from the manifest
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.rank == m["layers"]["model.layers.0.self_attn.q_proj"]["rank"]
+    with pytest.raises(EmlocError, match="allocation"):
+        build_emulator(tiny_base, tiny_data, tmp_path / "bad", EmulatorConfig(allocation="greedy", device="cpu"))

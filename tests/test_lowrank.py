@@ -84,3 +84,34 @@ def test_lowrank_linear_is_a_linear_that_peft_wraps_with_original_shapes():
     assert lora.lora_A["default"].weight.shape == (2, 20)
     assert lora.lora_B["default"].weight.shape == (12, 2)
     torch.testing.assert_close(peft(x), layer(x))  # B starts at zero
+
+
+def test_allocate_ranks_spends_the_budget_where_the_spectrum_is_flat():
+    from emloc.lowrank import allocate_ranks
+
+    shapes = {"steep": (64, 64), "flat": (64, 64)}
+    energy = {"steep": 0.5 ** torch.arange(64, dtype=torch.float64), "flat": torch.ones(64, dtype=torch.float64)}
+    budget = 2 * 16 * 128  # uniform rank 16 each
+    ranks = allocate_ranks(energy, shapes, budget)
+    assert sum(k * 128 for k in ranks.values()) <= budget
+    assert ranks["flat"] > 16 > ranks["steep"] >= 1
+    # the summed relative error beats the uniform split
+    rel = {k: (e / e.sum()) for k, e in energy.items()}
+    assert sum(float(rel[k][ranks[k]:].sum()) for k in ranks) < sum(float(rel[k][16:].sum()) for k in ranks)
+    # equal spectra and shapes: an even split; ranks never exceed what still saves parameters
+    even = allocate_ranks({"a": torch.ones(64), "b": torch.ones(64)}, {"a": (64, 64), "b": (64, 64)}, budget)
+    assert even == {"a": 16, "b": 16}
+    capped = allocate_ranks({"a": torch.ones(64)}, {"a": (64, 64)}, 10**9)
+    assert saves_parameters(64, 64, capped["a"]) and not saves_parameters(64, 64, capped["a"] + 1)
+
+
+def test_whitened_energy_is_the_factorization_error_spectrum():
+    from emloc.lowrank import whitened_energy
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 32, dtype=torch.float64)
+    x = correlated_inputs(200, 32).double()
+    g = x.T @ x
+    e = whitened_energy(w, g)
+    for k in (1, 5, 20):
+        assert factorize(w, g, k).rel_error == pytest.approx(float(e[k:].sum() / e.sum()), rel=1e-9)

@@ -49,6 +49,7 @@ class BenchConfig:
         clamps: clamp values for the clamp ablation (None = no clamp).
         calibration_sizes: calibration sizes for the calibration ablation.
         plain_svd: add the plain (non-whitened) SVD ablation.
+        energy_allocation: add the row whose emulator allocates ranks within each block by energy.
         sequential: add the sequential-calibration ablation.
         other_calibration: an embedded task whose training records calibrate an extra emulator (the
             off-task calibration ablation), or None.
@@ -74,6 +75,7 @@ class BenchConfig:
     clamps: tuple[float | None, ...] = (1.0, 10.0, None)
     calibration_sizes: tuple[int, ...] = (8, 16, 256)
     plain_svd: bool = True
+    energy_allocation: bool = True
     sequential: bool = True
     other_calibration: str | None = "chatterbot-en"
     smaller: str | None = None
@@ -88,10 +90,10 @@ PRESETS: dict[str, BenchConfig] = {
                          sequential=False),
     # the ablations run on `small`; on CPU each Qwen training takes tens of minutes
     "qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5,), steps=150, clamps=(), calibration_sizes=(),
-                        plain_svd=False, sequential=False, other_calibration=None),
+                        plain_svd=False, energy_allocation=False, sequential=False, other_calibration=None),
     "bigger-in-budget": BenchConfig(base="qwen2.5-coder-1.5b", ratios=(0.3,), steps=150, smaller="qwen2.5-coder-0.5b",
-                                    clamps=(), calibration_sizes=(), plain_svd=False, sequential=False,
-                                    other_calibration=None),
+                                    clamps=(), calibration_sizes=(), plain_svd=False, energy_allocation=False,
+                                    sequential=False, other_calibration=None),
 }
 
 NOT_RUN: dict[str, str] = {}
@@ -260,6 +262,8 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                     _row(f"ablation: {label}, uncorrected", q, first, r.eval(f"uncorrected-{q}-{tag}", base, eval_f, ad),
                          build=emu, train=ad)]
         return go
+    if cfg.energy_allocation:
+        jobs.append(("energy-allocation", ablation("energy", "energy rank allocation", cfg.samples, "--allocation", "energy")))
     if cfg.plain_svd:
         jobs.append(("plain-svd", ablation("plain", "plain SVD", cfg.samples, "--no-whiten")))
     if cfg.sequential:

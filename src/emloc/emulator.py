@@ -26,7 +26,7 @@ from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_ma
 from .checkpoint import fault_point
 from .data import read_jsonl
 from .errors import EmlocError
-from .lowrank import EIG_FLOOR, LowRankLinear, factorize, rank_for_ratio, saves_parameters
+from .lowrank import EIG_FLOOR, LowRankLinear, allocate_ranks, factorize, rank_for_ratio, saves_parameters, whitened_energy
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
                      materialize, parse_device, parse_dtype, resolve_model, to_meta)
 from .stats import calibration_ids
@@ -34,6 +34,7 @@ from .stats import calibration_ids
 log = logging.getLogger("emloc")
 
 SKIP = None  # a ratio rule whose ratio is SKIP keeps matching layers dense
+ALLOCATIONS = ("uniform", "energy")
 
 
 @dataclass
@@ -59,6 +60,10 @@ class EmulatorConfig:
         stats_dtype: dtype of the Gram accumulation and SVD.
         method: `svd` (EMLoC's activation-aware SVD) or a baseline of the same size for comparison:
             `layer-drop` (Offsite-Tuning style) or `channel-prune` (LoRAM style); see emloc.baselines.
+        allocation: `uniform` (every compressed layer keeps `ratio` of its parameters) or `energy`
+            (each block keeps the same parameter count as uniform, but its layers' ranks are chosen
+            from their whitened spectra to minimise the block's summed relative output error; see
+            `emloc.lowrank.allocate_ranks`).
     """
 
     ratio: float | list[tuple[str, float | None]] = 0.5
@@ -74,6 +79,7 @@ class EmulatorConfig:
     dtype: str = "auto"
     stats_dtype: str = "float64"
     method: str = "svd"
+    allocation: str = "uniform"
 
 
 def _rules(ratio: float | list[tuple[str, float | None]]) -> list[tuple[re.Pattern, float | None]]:
@@ -168,6 +174,21 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _block_ranks(block: nn.Module, bprefix: str, grams: dict[str, torch.Tensor], plan: dict[str, dict[str, Any]],
+                 store: WeightStore, device: torch.device, stats_dtype: torch.dtype, cfg: EmulatorConfig) -> dict[str, int]:
+    """Allocation `energy`: the block's compressed layers share the parameters uniform ranks would use."""
+    energy, shapes, budget = {}, {}, 0
+    for rel, g in grams.items():
+        full = bprefix + rel
+        p = plan[full]
+        w = store.get(full + ".weight").to(device=device, dtype=stats_dtype)
+        energy[rel] = whitened_energy(w, g if cfg.whiten else None, cfg.eig_floor).cpu()
+        shapes[rel] = (p["out_features"], p["in_features"])
+        budget += p["rank"] * (p["out_features"] + p["in_features"])
+        del w
+    return allocate_ranks(energy, shapes, budget)
+
+
 def build_emulator(base: str | Path, calibration: str | Path, output: str | Path,
                    config: EmulatorConfig | None = None, overwrite: bool = False) -> Path:
     """Build an emulator of `base` calibrated on the user's downstream data.
@@ -199,6 +220,8 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         if not Path(calibration).expanduser().is_file():
             raise EmlocError(f"calibration data {calibration} not found; give a JSONL file")
         return build_baseline(cfg.method, base_dir, Path(calibration).expanduser().resolve(), out_path, cfg, overwrite)
+    if cfg.allocation not in ALLOCATIONS:
+        raise EmlocError(f"unknown rank allocation {cfg.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
     stats_dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.stats_dtype]
@@ -285,6 +308,8 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
                     outputs.append(_block_output(block(hidden, **kw)))
             for h in hooks:
                 h.remove()
+            ranks = _block_ranks(block, bprefix, grams, plan, store, device, stats_dtype, cfg) \
+                if cfg.allocation == "energy" else {}
             for rel, g in list(grams.items()):
                 full = bprefix + rel
                 if not torch.isfinite(g).all():
@@ -293,7 +318,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
                 w = store.get(full + ".weight").to(device=device, dtype=stats_dtype)
                 if not torch.isfinite(w).all():
                     raise EmlocError(f"non-finite weights in {full} of {base_dir}; the checkpoint is damaged")
-                k = plan[full]["rank"]
+                k = ranks.get(rel, plan[full]["rank"])
                 fac = factorize(w, g if cfg.whiten else None, k, cfg.eig_floor)
                 if cfg.whiten is False:  # report the error on the calibration data all the same
                     we = fac.up @ fac.down
@@ -307,7 +332,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
                         new.bias.copy_(lin.bias)
                 _set_module(block, rel, new)
                 m, n = plan[full]["out_features"], plan[full]["in_features"]
-                layers[full] = {**plan[full], "rel_error": fac.rel_error, "params_before": m * n,
+                layers[full] = {**plan[full], "rank": k, "rel_error": fac.rel_error, "params_before": m * n,
                                 "params_after": k * (m + n)}
                 del grams[rel]
             for full, p in plan.items():

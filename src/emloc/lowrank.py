@@ -92,6 +92,60 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | None, rank: int, floor:
     return Factorization(up, down, float(energy[rank:].sum() / total))
 
 
+def whitened_energy(weight: torch.Tensor, gram: torch.Tensor | None, floor: float = EIG_FLOOR) -> torch.Tensor:
+    """Squared singular values of W S (descending): the output energy each rank direction carries.
+
+    Dropping direction j of a layer adds sigma_j^2 to its squared output error on the calibration
+    data (plain SVD: on isotropic inputs). Values only, no vectors: cheaper than `factorize`.
+    """
+    w = weight.to(gram.dtype if gram is not None else weight.dtype)
+    ws = w @ whitening_factor(gram, floor)[0] if gram is not None else w
+    return torch.linalg.svdvals(ws).square()
+
+
+def allocate_ranks(energy: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int) -> dict[str, int]:
+    """Ranks that spend `budget` factor parameters where they remove the most relative output error.
+
+    Each layer keeps at least rank 1 and at most the largest rank that still saves parameters. A
+    direction j of layer i costs (m_i + n_i) parameters and removes sigma_ij^2 / sum_j sigma_ij^2 of
+    that layer's relative error; directions are taken by that gain per parameter, best first (the
+    gains of a layer decrease with j, so this greedy order is optimal for the sum of relative errors,
+    up to the parameters left over at the end).
+
+    Args:
+        energy: layer -> squared singular values, descending (`whitened_energy`).
+        shapes: layer -> (m, n).
+        budget: total factor parameters, sum_i k_i (m_i + n_i), e.g. what uniform ranks would use.
+
+    Returns:
+        layer -> rank.
+    """
+    names = list(energy)
+    cost = {k: shapes[k][0] + shapes[k][1] for k in names}
+    cap = {k: max(1, min(len(energy[k]), (shapes[k][0] * shapes[k][1] - 1) // cost[k])) for k in names}
+    ranks = dict.fromkeys(names, 1)
+    left = budget - sum(cost.values())
+    gains, owners, steps = [], [], []
+    for i, k in enumerate(names):
+        e = energy[k].double()
+        rel = e / e.sum().clamp(min=torch.finfo(torch.float64).tiny)
+        gains.append(rel[1:cap[k]] / cost[k])
+        owners.append(torch.full((max(cap[k] - 1, 0),), i, dtype=torch.long))
+        steps.append(torch.arange(1, max(cap[k], 1)))
+    if left <= 0 or not gains:
+        return ranks
+    g, o, j = torch.cat(gains), torch.cat(owners), torch.cat(steps)
+    # equal gains go round-robin across layers (earlier directions first), not all to one layer
+    by_step = torch.argsort(j, stable=True)
+    order = by_step[torch.argsort(g[by_step], descending=True, stable=True)]
+    for i in o[order].tolist():
+        c = cost[names[i]]
+        if c <= left:  # a layer whose next direction does not fit takes no later one (same cost)
+            ranks[names[i]] += 1
+            left -= c
+    return ranks
+
+
 class LowRankLinear(nn.Linear):
     """A linear layer stored as two factors: y = up (down x) + bias.
 
