@@ -39,7 +39,7 @@ def test_seed_spread_only_for_repeated_rows():
     report = {"command": "emloc bench", "base": "/m/base", "task": "t", "versions": {"emloc": "0"}, "rows": rows,
               "not_run": {"QLoRA": "no GPU"}}
     md = format_report(report)
-    assert "Spread over seeds" in md and "| EMLoC | 0.5 | 0, 1, 2 | 1.6000 ± 0.1000 |" in md
+    assert "machine:" in md and "Spread over seeds" in md and "| EMLoC | 0.5 | 0, 1, 2 | 1.6000 ± 0.1000 |" in md
 
 
 def test_same_tensors(tmp_path):

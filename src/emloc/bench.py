@@ -310,7 +310,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     if skipped_rows:
         skipped["unfinished rows"] = ", ".join(skipped_rows) + " (stopped for time; rerun without --report-only to finish)"
     report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
-              "not_run": skipped, "versions": versions(), "wall_seconds": round(watch.seconds, 1)}
+              "not_run": skipped, "versions": versions(), "machine": machine(), "wall_seconds": round(watch.seconds, 1)}
     _recovered(rows)
     report["seed_spread"] = seed_spread(rows)
     write_json(out / "report.json", to_jsonable(report))
@@ -318,6 +318,28 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     _plot(rows, out / "quality_vs_memory.png")
     print(watch.summary("bench", out))
     return report
+
+
+def machine() -> str:
+    """One line describing the machine: OS, CPU model and cores, memory, GPU if any."""
+    import platform
+
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"{platform.system()} {platform.machine()}", f"{cpu}, {os.cpu_count()} cores",
+             f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"]
+    if torch.cuda.is_available():
+        parts.append(f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")
+    return ", ".join(parts)
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
@@ -369,10 +391,16 @@ def seed_spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _cfg(report: dict[str, Any]) -> dict[str, Any]:
+    c = report.get("config") or {}
+    return c if isinstance(c, dict) else vars(c)
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}`" if report["command"] else "", "",
              f"base: {Path(report['base']).name}, task: {report['task']}, versions: "
-             + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
+             + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+             f"machine: {report.get('machine', '?')}; dtype of the frozen weights: {_cfg(report).get('dtype', 'auto')}", "",
              "| method | ratio | seed | held-out NLL | recovered | exact match | trained params | train peak RSS (MB) | s/step |",
              "|---|---|---|---|---|---|---|---|---|"]
     for x in report["rows"]:
