@@ -174,7 +174,7 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _block_ranks(block: nn.Module, bprefix: str, grams: dict[str, torch.Tensor], plan: dict[str, dict[str, Any]],
+def _block_ranks(bprefix: str, grams: dict[str, torch.Tensor], plan: dict[str, dict[str, Any]],
                  store: WeightStore, device: torch.device, stats_dtype: torch.dtype, cfg: EmulatorConfig) -> dict[str, int]:
     """Allocation `energy`: the block's compressed layers share the parameters uniform ranks would use."""
     energy, shapes, budget = {}, {}, 0
@@ -308,7 +308,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
                     outputs.append(_block_output(block(hidden, **kw)))
             for h in hooks:
                 h.remove()
-            ranks = _block_ranks(block, bprefix, grams, plan, store, device, stats_dtype, cfg) \
+            ranks = _block_ranks(bprefix, grams, plan, store, device, stats_dtype, cfg) \
                 if cfg.allocation == "energy" else {}
             for rel, g in list(grams.items()):
                 full = bprefix + rel
