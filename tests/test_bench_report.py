@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emloc.bench import _recovered, _same_tensors, format_report, seed_spread
+from emloc.bench import PRESETS, _recovered, _same_tensors, format_report, job_priority, seed_spread
 
 
 def _rows():
@@ -52,3 +52,21 @@ def test_same_tensors(tmp_path):
     assert _same_tensors(a, b)
     assert not _same_tensors(a, c)
     assert not _same_tensors(a, tmp_path / "missing")
+
+
+def _ordered(names: list[str], preset: str) -> list[str]:
+    return sorted(names, key=lambda n: job_priority(n, PRESETS[preset]))
+
+
+def test_order_puts_the_budget_comparison_before_the_over_budget_reference():
+    names = ["zero-shot-s0", "lora-original-s0", "emloc-0.3-s0", "auto-0.3-s0", "smaller"]
+    got = _ordered(names, "bigger-in-budget")
+    assert got.index("lora-original-s0") == len(got) - 1
+    assert set(got[:-1]) == {"zero-shot-s0", "emloc-0.3-s0", "auto-0.3-s0", "smaller"}
+    assert not PRESETS["bigger-in-budget"].baselines
+
+
+def test_order_main_rows_then_repeats_then_baselines_then_ablations():
+    names = ["plain-svd", "layer-drop-0.5", "lora-original-s1", "zero-shot-s0", "lora-original-s0", "emloc-0.5-s0"]
+    assert _ordered(names, "small") == ["zero-shot-s0", "lora-original-s0", "emloc-0.5-s0", "lora-original-s1",
+                                        "layer-drop-0.5", "plain-svd"]

@@ -53,7 +53,10 @@ class BenchConfig:
         sequential: add the sequential-calibration ablation.
         other_calibration: an embedded task whose training records calibrate an extra emulator (the
             off-task calibration ablation), or None.
-        smaller: a smaller model of the same family to train with LoRA, or None.
+        baselines: add the Offsite-style (layer drop) and pruning emulators at the first ratio.
+        smaller: a smaller model of the same family to train with LoRA, or None. With it, the
+            comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
+            before LoRA on the original, which is over the budget by design.
         stats_dtype: float64 or float32 statistics/SVD in the builds.
         dtype: dtype of the frozen weights in every build, training and evaluation (auto: bf16 on
             CUDA, fp32 on CPU; bfloat16 is 3-4x faster than fp32 on CPUs with AVX512-BF16).
@@ -80,6 +83,7 @@ class BenchConfig:
     energy_allocation: bool = True
     sequential: bool = True
     other_calibration: str | None = "chatterbot-en"
+    baselines: bool = True
     smaller: str | None = None
     stats_dtype: str = "float64"
     dtype: str = "auto"
@@ -96,7 +100,7 @@ PRESETS: dict[str, BenchConfig] = {
     "qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5,), steps=100, dtype="bfloat16", clamps=(), calibration_sizes=(),
                         plain_svd=False, energy_allocation=False, sequential=False, other_calibration=None),
     "bigger-in-budget": BenchConfig(base="qwen2.5-coder-1.5b", ratios=(0.3,), steps=100, dtype="bfloat16",
-                                    smaller="qwen2.5-coder-0.5b",
+                                    smaller="qwen2.5-coder-0.5b", baselines=False,
                                     clamps=(), calibration_sizes=(), plain_svd=False, energy_allocation=False,
                                     sequential=False, other_calibration=None),
 }
@@ -241,7 +245,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                 row.update(chosen=chosen, selection=m.get("selection"))
                 return row
             jobs.append((f"auto-{ratio}-s{seed}", auto_row))
-    for ratio in cfg.ratios[:1]:
+    for ratio in cfg.ratios[:1] if cfg.baselines else ():
         for method, label in BASELINES.items():
             def baseline(q=ratio, method=method, label=label) -> dict[str, Any]:
                 emu = r.build(f"{method}-{q}", base, train_f, q, cfg.samples, "--method", method)
@@ -283,13 +287,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         small = str(resolve_model(cfg.smaller))
         jobs.append(("smaller", lambda: _row(f"LoRA on {cfg.smaller}", None, first, r.eval(
             "smaller", small, eval_f, r.train("smaller", small, train_f, eval_f, first)), train=work / "smaller")))
-    # main rows first (the first seed, then the repeats), then baselines, then ablations: an interrupted
-    # bench has the headline comparison and its seed spread
-    def priority(name: str) -> int:
-        if name.startswith(("zero-shot", "lora-original", "emloc-", "auto-")):
-            return 0 if name.endswith(f"-s{first}") else 1
-        return 2 if name.startswith(tuple(BASELINES)) else 3
-    jobs.sort(key=lambda job: priority(job[0]))
+    jobs.sort(key=lambda job: job_priority(job[0], cfg))
 
     rows: list[dict[str, Any]] = []
     skipped_rows: list[str] = []
@@ -307,6 +305,9 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         rows += got
     qlora = "not run: bitsandbytes 4-bit needs a CUDA GPU" if r.cfg.device == "cpu" or not _cuda() else "not implemented in this version"
     skipped = {**NOT_RUN, "QLoRA (4-bit base)": qlora}
+    if not cfg.baselines:
+        skipped["Offsite-style and pruning emulators"] = "not in this preset (see the qwen and small presets)"
+
     if skipped_rows:
         skipped["unfinished rows"] = ", ".join(skipped_rows) + " (stopped for time; rerun without --report-only to finish)"
     report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
@@ -318,6 +319,23 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     _plot(rows, out / "quality_vs_memory.png")
     print(watch.summary("bench", out))
     return report
+
+
+def job_priority(name: str, cfg: BenchConfig) -> int:
+    """Order of a bench job (lower runs first; ties keep their order).
+
+    Main rows come first (the first seed, then the repeats), then baselines, then ablations: an
+    interrupted bench has the headline comparison and its seed spread. With a smaller model the
+    headline is the comparison inside the budget, so LoRA on the (bigger) original comes after it.
+    """
+    first = cfg.seeds[0]
+    if cfg.smaller and name == f"lora-original-s{first}":
+        return 1
+    if name == "smaller":
+        return 0
+    if name.startswith(("zero-shot", "lora-original", "emloc-", "auto-")):
+        return 0 if name.endswith(f"-s{first}") else 1
+    return 2 if name.startswith(tuple(BASELINES)) else 3
 
 
 def machine() -> str:
