@@ -455,19 +455,24 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for x in rows:
-        mem = x.get("train_peak_rss_mb")
-        if mem is None or x["seed"] != rows[0]["seed"]:
-            continue
-        ax.scatter(mem, x["nll"])
-        ax.annotate(f"{x['method']}" + (f" {x['ratio']}" if x["ratio"] else ""), (mem, x["nll"]), fontsize=6)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    points = [x for x in rows if x.get("train_peak_rss_mb") is not None and x["seed"] == rows[0]["seed"]]
+    # rows of one emulator share its training peak and often nearly its NLL, so the points carry
+    # numbers and the legend (outside the axes) names them
+    for i, x in enumerate(points, 1):
+        label = f"{i}: {x['method']}" + (f" {x['ratio']}" if x["ratio"] else "") + f" ({x['nll']:.3f})"
+        ax.scatter(x["train_peak_rss_mb"], x["nll"], label=label)
+        ax.annotate(str(i), (x["train_peak_rss_mb"], x["nll"]), fontsize=7, xytext=(4, 2 - 8 * (i % 2)),
+                    textcoords="offset points")
     zero = next((x["nll"] for x in rows if x["method"] == "zero-shot original"), None)
     if zero is not None:
-        ax.axhline(zero, ls="--", lw=0.8, color="gray", label="zero-shot")
-        ax.legend(fontsize=7)
+        ax.axhline(zero, ls="--", lw=0.8, color="gray", label=f"zero-shot ({zero:.3f})")
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlabel("training peak RSS (MB)")
     ax.set_ylabel("held-out answer NLL (lower is better)")
+    nlls = [x["nll"] for x in points] + ([zero] if zero is not None else [])
+    if nlls and min(nlls) > 0 and max(nlls) / min(nlls) > 20:
+        ax.set_yscale("log")  # one failed row (e.g. plain SVD) would flatten the others
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
