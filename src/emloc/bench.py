@@ -93,8 +93,7 @@ class BenchConfig:
 PRESETS: dict[str, BenchConfig] = {
     "smoke": BenchConfig(steps=2, batch_size=4, samples=8, eval_samples=12, max_length=96, clamps=(None,),
                          calibration_sizes=(4,), stats_dtype="float32"),
-    "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), clamps=(1.0, None), calibration_sizes=(),
-                         sequential=False),
+    "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), clamps=(1.0, None), calibration_sizes=(8, 16, 256)),
     # the ablations run on `small`; Qwen's frozen weights are bf16 (what a GPU uses; on a CPU with
     # AVX512-BF16 it is 3-4x faster than fp32), and 100 steps keep a CPU run near an hour
     "qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5,), steps=100, dtype="bfloat16", clamps=(), calibration_sizes=(),
