@@ -466,7 +466,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     zero = next((x["nll"] for x in rows if x["method"] == "zero-shot original"), None)
     if zero is not None:
         ax.axhline(zero, ls="--", lw=0.8, color="gray", label=f"zero-shot ({zero:.3f})")
-    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if points or zero is not None:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlabel("training peak RSS (MB)")
     ax.set_ylabel("held-out answer NLL (lower is better)")
     nlls = [x["nll"] for x in points] + ([zero] if zero is not None else [])
