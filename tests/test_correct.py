@@ -152,6 +152,19 @@ def test_weighted_mode_needs_its_calibration_data(tiny_adapter, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_weighted_on_a_sequential_emulator_warns(tiny_base, tiny_data, tmp_path, caplog):
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, train_adapter
+
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=16, sequential=True, device="cpu"))
+    ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=1, batch_size=2, rank=4, device="cpu"))
+    with caplog.at_level("WARNING", logger="emloc"):
+        correct_adapter(ad, tmp_path / "paper", config=CorrectConfig(mode="paper", device="cpu"))
+        assert "prefer --mode auto" not in caplog.text
+        out = correct_adapter(ad, tmp_path / "w", config=CorrectConfig(mode="weighted", device="cpu"))
+    assert "--sequential" in caplog.text and "prefer --mode auto" in caplog.text
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -321,6 +321,12 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
                          "correction: use --mode none")
     if method != "svd":
         cfg = replace(cfg, mode="none")
+    ecfg = emanifest.get("config", {})
+    if cfg.mode == "weighted" and (ecfg.get("sequential") or ecfg.get("whiten") is False):
+        # measured on the small bench: weighted removes the emulator's error as the original's
+        # inputs see it, which these emulators never minimised; it undid most of the adapter there
+        log.warning("%s was built with %s; the weighted correction measured far worse than none on such emulators; "
+                    "prefer --mode auto", emu_dir, "--sequential" if ecfg.get("sequential") else "--no-whiten")
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     modules = _lora_modules(tensors)
