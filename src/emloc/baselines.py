@@ -13,7 +13,7 @@ Both write an emulator folder (`kind: emulator`, `method` in the manifest) that 
 evaluates like an SVD emulator; `emloc correct --mode none` maps its adapter back onto the
 original (`to_original`). Weights are streamed block by block, each block written to its own
 shard before the next is read; the pruning scores come from the same block-by-block calibration
-pass as EMLoC's (`emloc.stats`).
+pass as EMLoC's (`emloc.stream`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, staged_output, versions, write_json
+from .data import calibration_ids
 from .errors import EmlocError
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
                      parse_device, parse_dtype)
+from .stream import INPUT_SUMSQ, StreamedModel
 
 METHODS = ("layer-drop", "channel-prune")
 
@@ -162,19 +164,20 @@ def _prune_blocks(base_dir: Path, calibration: Path, cfg: Any, store: WeightStor
     """Score, prune and write every block as the calibration pass streams past; return the kept channels."""
     from transformers import AutoTokenizer
 
-    from .stats import calibration_ids, stream_input_grams
-
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
     device = parse_device(cfg.device)
-    wanted = {f"{prefix}{i}.{consumer}" for i in range(n_blocks)}
+    dtype = parse_dtype(cfg.dtype, device)
+    stream = StreamedModel(base_dir)
+    stream.load_outside(device, dtype)
     channels: dict[str, list[int]] = {}
-    for name, gram in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(cfg.dtype, device)):
-        bp = name[: -len(consumer)]
-        w_out = store.get(name + ".weight").double()
+    for step in stream.passes(ids, device, dtype, stats_dtype=torch.float64, batch_tokens=cfg.batch_tokens,
+                              last=n_blocks - 1, desc="pruning MLP channels"):
+        bp = step.prefix
+        sumsq = step.run({consumer: (INPUT_SUMSQ,)})[consumer].input_sumsq.cpu()
+        w_out = store.get(bp + consumer + ".weight").double()
         # Wanda-style: RMS input activation of the channel x norm of the weights that read it
-        score = gram.diagonal().double().clamp(min=0).sqrt() * w_out.norm(dim=0)
-        del gram
+        score = sumsq.clamp(min=0).sqrt() * w_out.norm(dim=0)
         idx = torch.topk(score, k).indices.sort().values
         channels[bp] = idx.tolist()
         t = {}
@@ -188,7 +191,7 @@ def _prune_blocks(base_dir: Path, calibration: Path, cfg: Any, store: WeightStor
             elif rel == consumer + ".weight":
                 v = v[:, idx]
             t[n] = v.contiguous()
-        emit(f"block-{int(bp[len(prefix):-1]):05d}.safetensors", t)
+        emit(f"block-{step.index:05d}.safetensors", t)
         del t
         store.release()
     return channels

@@ -13,7 +13,7 @@ error in the LoRA's input features, measured on the calibration data:
     C = E G A^T (A G A^T)^-1 (m x r),   B_new = B - C / s,   A_new = A,
 
 with G = sum x x^T the Gram matrix of the original layer's inputs on the calibration records
-(recomputed block by block, `emloc.stats`). C A is the rank-r map through the LoRA's features that
+(recomputed block by block, `emloc.stream`). C A is the rank-r map through the LoRA's features that
 best reproduces E x on the data: after the correction, the original layer's output differs from the
 trained emulator layer's by a residual orthogonal (under G) to every LoRA feature A x. This is the
 paper's correction solved in the metric of the data instead of the Euclidean one: the emulator's
@@ -57,6 +57,7 @@ from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_ma
 from .checkpoint import fault_point
 from .errors import EmlocError
 from .models import WeightStore, empty_model, load_config, resolve_model
+from .stream import BATCH_TOKENS
 
 log = logging.getLogger("emloc")
 
@@ -212,9 +213,10 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     """
     from transformers import AutoTokenizer
 
-    from .models import parse_device, parse_dtype
+    from .data import calibration_ids
+    from .models import parse_device, parse_dtype, parse_stats_dtype
     from .selection import calibration_file
-    from .stats import calibration_ids, stream_input_grams
+    from .stream import INPUT_GRAM, StreamedModel
 
     ecfg = emanifest.get("config", {})
     data = calibration_file(cfg.calibration, emanifest)
@@ -227,10 +229,22 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     ids = calibration_ids(data, tok, int(ecfg.get("samples", 64)), int(ecfg.get("max_length", 512)), int(ecfg.get("seed", 0)),
                           ecfg.get("calibration_tokens"))
     device = parse_device(cfg.device)
-    stats = {"float64": torch.float64, "float32": torch.float32}[ecfg.get("stats_dtype", "float64")]
-    for m, g in stream_input_grams(base_dir, ids, wanted, device, parse_dtype(ecfg.get("dtype", "auto"), device), stats):
-        yield m, g.to("cpu")
-        del g
+    dtype = parse_dtype(ecfg.get("dtype", "auto"), device)
+    stream = StreamedModel(base_dir)
+    outside = [m for m in wanted if not m.startswith(stream.prefix)]
+    if outside:
+        raise EmlocError(f"{outside[0]} is not a linear layer inside the transformer blocks ({stream.blocks_name}); "
+                         "emloc corrects LoRA on block linears only")
+    last = max(int(m[len(stream.prefix):].split(".")[0]) for m in wanted)
+    stream.load_outside(device, dtype)
+    for step in stream.passes(ids, device, dtype, stats_dtype=parse_stats_dtype(ecfg.get("stats_dtype", "float64")),
+                              batch_tokens=int(ecfg.get("batch_tokens", BATCH_TOKENS)), last=last, desc="calibration statistics"):
+        mine = sorted(m for m in wanted if m.startswith(step.prefix))
+        stats = step.run({m[len(step.prefix):]: (INPUT_GRAM,) for m in mine})
+        for m in mine:
+            g = stats.pop(m[len(step.prefix):]).input_gram.to("cpu")
+            yield m, g
+            del g  # not alive while the next block runs
 
 
 def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Tensor], modules: list[str],

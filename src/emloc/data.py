@@ -167,6 +167,24 @@ def sample(items: list, n: int, seed: int) -> list:
     return [items[i] for i in idx[:n]]
 
 
+def calibration_ids(path: str | Path, tok, samples: int, max_length: int, seed: int,
+                    calibration_tokens: int | None = None) -> list[list[int]]:
+    """The token ids of the calibration records: a seeded draw of `samples` records of `path`.
+
+    With `calibration_tokens`, records past `samples` are added (in the same order) until the
+    calibration holds at least that many tokens. `emloc build` and `emloc correct` call this with
+    the same arguments, so they see the same records.
+    """
+    examples = sample(load_examples(path, tok, max_length), 10**9, seed)
+    chosen = examples[:samples]
+    if calibration_tokens:
+        for e in examples[samples:]:
+            if sum(len(c.input_ids) for c in chosen) >= calibration_tokens:
+                break
+            chosen.append(e)
+    return [e.input_ids for e in chosen]
+
+
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into input_ids, attention_mask and labels tensors (B x T)."""
     t = max(len(e.input_ids) for e in batch)

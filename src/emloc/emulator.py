@@ -1,10 +1,14 @@
 """Stage 1: build a downstream-aware emulator by activation-aware SVD, block by block.
 
-Only one transformer block's weights are in memory at a time: the model skeleton lives on the meta
-device, each block is read from the base's safetensors shards, calibrated, compressed, written to
-its own output shard, and freed. The inputs of block 0 are captured once by running the embedding
-part of the model on each calibration sample; each block then turns them into the next block's
-inputs.
+Only one transformer block's weights are in memory at a time (`emloc.stream`): each block is read
+from the base's safetensors shards, run on the calibration batches while hooks collect the smallest
+statistics its layers need, compressed, written to its own output shard, and freed.
+
+Per compressed layer W (m x n), the whitened SVD needs the left singular vectors of W S
+(S S^T = G + lambda I, G the Gram of the layer's inputs): when m <= n they are the eigenvectors of
+the m x m Gram of the layer's own outputs (plus lambda W W^T), so no n x n matrix is formed; when
+m > n, one eigendecomposition of the n x n input Gram serves every layer reading that input
+(gate/up), followed by the SVD of W S. See `emloc.lowrank.Spectrum`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .checkpoint import fault_point
-from .data import read_jsonl
 from .errors import EmlocError
-from .lowrank import EIG_FLOOR, LowRankLinear, allocate_ranks, factorize, rank_for_ratio, saves_parameters, whitened_energy
-from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
-                     materialize, parse_device, parse_dtype, resolve_model, to_meta)
-from .stats import calibration_ids
+from .data import calibration_ids, read_jsonl
+from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
+                      rank_for_ratio, saves_parameters)
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, materialize, parse_device,
+                     parse_dtype, parse_stats_dtype, resolve_model)
+from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
 
 log = logging.getLogger("emloc")
 
@@ -57,7 +62,8 @@ class EmulatorConfig:
         seed: sampling seed.
         device: compute device (auto: cuda if available).
         dtype: dtype of the forward passes and of the stored emulator (auto: bf16 on CUDA, fp32 on CPU).
-        stats_dtype: dtype of the Gram accumulation and SVD.
+        stats_dtype: dtype of the statistics and the decompositions (float64 or float32).
+        batch_tokens: padded tokens per calibration forward (records are batched by length).
         method: `svd` (EMLoC's activation-aware SVD) or a baseline of the same size for comparison:
             `layer-drop` (Offsite-Tuning style) or `channel-prune` (LoRAM style); see emloc.baselines.
         allocation: `uniform` (every compressed layer keeps `ratio` of its parameters) or `energy`
@@ -78,6 +84,7 @@ class EmulatorConfig:
     device: str = "auto"
     dtype: str = "auto"
     stats_dtype: str = "float64"
+    batch_tokens: int = BATCH_TOKENS
     method: str = "svd"
     allocation: str = "uniform"
 
@@ -141,52 +148,123 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-class _Captured(Exception):
-    """Raised by the pre-hook on block 0 once its inputs are stored."""
+def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | None]],
+                 targets: re.Pattern | None) -> dict[str, dict[str, Any]]:
+    """Which layers get which rank; decided before any weight is read, so bad rules fail first."""
+    plan: dict[str, dict[str, Any]] = {}
+    used = [False] * len(rules)
+    for i, block in enumerate(stream.blocks):
+        for rel, lin in block_linears(block):
+            full = f"{stream.prefix}{i}.{rel}"
+            if targets and not targets.search(full):
+                continue
+            ratio = None
+            for j, (pat, r) in enumerate(rules):
+                if pat.search(full):
+                    used[j], ratio = True, r
+                    break
+            m, n = lin.out_features, lin.in_features
+            # ratio 1 keeps the layer as it is (the floor in the formula would otherwise still truncate)
+            k = rank_for_ratio(m, n, ratio) if ratio is not None and ratio < 1 else None
+            if k is not None and not saves_parameters(m, n, k):
+                k = None
+            plan[full] = {"out_features": m, "in_features": n, "ratio": ratio, "rank": k}
+    if not plan:
+        raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
+    for (pat, _), hit in zip(rules, used):
+        if not hit:
+            raise EmlocError(f"ratio rule {pat.pattern!r} matches no layer (names look like {next(iter(plan))}); fix the regex")
+    return plan
 
 
-def _capture_block_inputs(model: nn.Module, block0: nn.Module, samples: list[list[int]], device: torch.device):
-    """Run the model up to block 0 for each sample; return [(hidden (1 x T x d), block kwargs)]."""
-    store: list[tuple[torch.Tensor, dict[str, Any]]] = []
+def statistics_side(m: int, n: int) -> str:
+    """The statistics a compressed (m x n) layer needs: its outputs' Gram (m x m) when m <= n, else its inputs'.
 
-    def hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        store.append((hidden, kwargs))
-        raise _Captured
+    The smaller Gram suffices for the whitened SVD (see `emloc.lowrank.Spectrum`).
+    """
+    return OUTPUT_GRAM if m <= n else INPUT_GRAM
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+
+def _shared_eigh(cache: list, gram: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_eigh(gram)`, computed once for the equal Grams of layers that read one input (gate/up)."""
+    for g, eig in cache:
+        if g.shape == gram.shape and torch.equal(g, gram):
+            return eig
+    eig = input_eigh(gram, floor)
+    cache.append((gram, eig))
+    return eig
+
+
+def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
+             stats_dtype: torch.dtype, cfg: EmulatorConfig) -> tuple[dict[str, Spectrum], dict[str, torch.Tensor]]:
+    """Run the block on the calibration batches; return each compressed layer's spectrum (and plain SVD's Grams)."""
+    def weight(rel: str) -> torch.Tensor:
+        w = store.get(step.prefix + rel + ".weight").to(device=device, dtype=stats_dtype)
+        if not torch.isfinite(w).all():
+            raise EmlocError(f"non-finite weights in {step.prefix + rel}; the checkpoint is damaged")
+        return w
+
+    if not cfg.whiten:  # plain SVD ignores the data; the input Gram only measures its error on it
+        stats = step.run({rel: (INPUT_GRAM,) for rel in compressed})
+        spectra = {}
+        for rel in compressed:
+            w = weight(rel)
+            u, sigma, _ = torch.linalg.svd(w, full_matrices=False)
+            spectra[rel] = Spectrum(u, sigma.square(), w)
+        return spectra, {rel: st.input_gram for rel, st in stats.items()}
+    sides = {rel: statistics_side(p["out_features"], p["in_features"]) for rel, p in compressed.items()}
+    stats = step.run({rel: (side,) for rel, side in sides.items()})
+    spectra = {}
+    eigs: list = []
+    for rel, side in sides.items():
+        st = stats.pop(rel)
+        if side == OUTPUT_GRAM:
+            spectra[rel] = output_spectrum(weight(rel), st.output_gram, st.input_trace, cfg.eig_floor)
+        else:
+            spectra[rel] = input_spectrum(weight(rel), _shared_eigh(eigs, st.input_gram, cfg.eig_floor))
+        del st
+    return spectra, {}
+
+
+def _compress_block(step: BlockPass, plan: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
+                    dtype: torch.dtype, stats_dtype: torch.dtype, cfg: EmulatorConfig) -> dict[str, dict[str, Any]]:
+    """Replace the block's planned layers by `LowRankLinear`s; return their manifest entries."""
+    compressed = {full[len(step.prefix):]: p for full, p in plan.items()
+                  if full.startswith(step.prefix) and p["rank"] is not None}
+    layers: dict[str, dict[str, Any]] = {}
+    for full, p in plan.items():
+        if full.startswith(step.prefix) and p["rank"] is None:
+            layers[full] = {**p, "rel_error": 0.0, "params_before": p["out_features"] * p["in_features"],
+                            "params_after": p["out_features"] * p["in_features"]}
+    if not compressed:
+        return layers
+    spectra, grams = _spectra(step, compressed, store, device, stats_dtype, cfg)
+    ranks = {rel: p["rank"] for rel, p in compressed.items()}
+    if cfg.allocation == "energy":
+        budget = sum(p["rank"] * (p["out_features"] + p["in_features"]) for p in compressed.values())
+        ranks = allocate_ranks({rel: sp.energy.cpu() for rel, sp in spectra.items()},
+                               {rel: (p["out_features"], p["in_features"]) for rel, p in compressed.items()}, budget)
+    for rel, p in compressed.items():
+        k = ranks[rel]
+        sp = spectra.pop(rel)
+        fac = sp.factors(k)
+        if rel in grams:  # plain SVD: its error measured on the calibration data all the same
+            d, g = sp.weight - fac.up @ fac.down, grams.pop(rel)
+            fac.rel_error = float(torch.trace(d @ g @ d.T) / torch.trace(sp.weight @ g @ sp.weight.T).clamp(min=1e-300))
+        if not (torch.isfinite(fac.up).all() and torch.isfinite(fac.down).all()):
+            raise EmlocError(f"the factors of {step.prefix + rel} are not finite; check the weights and --eig-floor")
+        del sp
+        lin = step.block.get_submodule(rel)
+        new = LowRankLinear(lin.in_features, lin.out_features, k, lin.bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
-            for ids in tqdm(samples, desc="capturing block inputs", leave=False):
-                try:
-                    model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
-    if len(store) != len(samples):
-        raise EmlocError("the model never reached its first transformer block; emloc cannot calibrate this architecture")
-    return store
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _block_ranks(bprefix: str, grams: dict[str, torch.Tensor], plan: dict[str, dict[str, Any]],
-                 store: WeightStore, device: torch.device, stats_dtype: torch.dtype, cfg: EmulatorConfig) -> dict[str, int]:
-    """Allocation `energy`: the block's compressed layers share the parameters uniform ranks would use."""
-    energy, shapes, budget = {}, {}, 0
-    for rel, g in grams.items():
-        full = bprefix + rel
-        p = plan[full]
-        w = store.get(full + ".weight").to(device=device, dtype=stats_dtype)
-        energy[rel] = whitened_energy(w, g if cfg.whiten else None, cfg.eig_floor).cpu()
-        shapes[rel] = (p["out_features"], p["in_features"])
-        budget += p["rank"] * (p["out_features"] + p["in_features"])
-        del w
-    return allocate_ranks(energy, shapes, budget)
+            new.up.copy_(fac.up)
+            new.down.copy_(fac.down)
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        _set_module(step.block, rel, new)
+        m, n = p["out_features"], p["in_features"]
+        layers[step.prefix + rel] = {**p, "rank": k, "rel_error": fac.rel_error, "params_before": m * n, "params_after": k * (m + n)}
+    return layers
 
 
 def build_emulator(base: str | Path, calibration: str | Path, output: str | Path,
@@ -214,6 +292,8 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     out_path = Path(output).expanduser().resolve()
     if out_path == base_dir:
         raise EmlocError("the emulator output folder is the base model folder; choose a new folder")
+    if cfg.batch_tokens < 1:
+        raise EmlocError(f"--batch-tokens must be at least 1 (got {cfg.batch_tokens})")
     if cfg.method != "svd":
         from .baselines import build_baseline
 
@@ -224,7 +304,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         raise EmlocError(f"unknown rank allocation {cfg.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
-    stats_dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.stats_dtype]
+    stats_dtype = parse_stats_dtype(cfg.stats_dtype)
 
     # Calibration data: seeded draw, optionally extended to a token target.
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -237,122 +317,29 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
     n_tokens = sum(len(i) for i in ids)
 
-    model = empty_model(load_config(base_dir))
-    model.eval()
+    stream = StreamedModel(base_dir)
+    model, prefix = stream.model, stream.prefix
     total_params = sum(p.numel() for p in model.parameters())  # meta tensors know their size
-    store = WeightStore(base_dir).align(model)
-    blocks_name, blocks = find_blocks(model)
-    prefix = blocks_name + "."
-
-    # Which layers get which rank: decided up front so bad rules fail before any compute.
-    plan: dict[str, dict[str, Any]] = {}
-    used = [False] * len(rules)
-    for i, block in enumerate(blocks):
-        for rel, lin in block_linears(block):
-            full = f"{prefix}{i}.{rel}"
-            if targets and not targets.search(full):
-                continue
-            ratio = None
-            for j, (pat, r) in enumerate(rules):
-                if pat.search(full):
-                    used[j], ratio = True, r
-                    break
-            m, n = lin.out_features, lin.in_features
-            # ratio 1 keeps the layer as it is (the floor in the formula would otherwise still truncate)
-            k = rank_for_ratio(m, n, ratio) if ratio is not None and ratio < 1 else None
-            if k is not None and not saves_parameters(m, n, k):
-                k = None
-            plan[full] = {"out_features": m, "in_features": n, "ratio": ratio, "rank": k}
-    if not plan:
-        raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
-    for (pat, _), hit in zip(rules, used):
-        if not hit:
-            raise EmlocError(f"ratio rule {pat.pattern!r} matches no layer (names look like {next(iter(plan))}); fix the regex")
-    width = max(p["in_features"] for p in plan.values() if p["rank"] is not None) if any(p["rank"] for p in plan.values()) else 0
+    plan = _plan_layers(stream, rules, targets)
+    width = max((p["in_features"] for p in plan.values() if p["rank"] is not None), default=0)
     if n_tokens < width:
         log.warning("calibration holds %d tokens, fewer than the widest layer input (%d): the statistics are rank-deficient "
                     "and the emulator will overfit them; use more samples or --calibration-tokens %d", n_tokens, width, 8 * width)
 
-    # Everything outside the blocks (embeddings, final norm, head) is loaded once.
-    materialize(model, "", store, device, dtype, keep=lambda name: not name.startswith(prefix))
-    store.release()
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    inputs = _capture_block_inputs(model, blocks[0], ids, device)
-
+    stream.load_outside(device, dtype)
     layers: dict[str, dict[str, Any]] = {}
-    n_files = len(blocks) + 1
+    n_files = len(stream.blocks) + 1
     weight_map: dict[str, str] = {}
     with staged_output(out_path, overwrite) as tmp:
-        bar = tqdm(range(len(blocks)), desc="building emulator", unit="block")
-        for i in bar:
-            block = blocks[i]
-            bprefix = f"{prefix}{i}."
-            materialize(block, bprefix, store, device, dtype)
-            grams: dict[str, torch.Tensor] = {}
-            hooks = []
-            for rel, lin in block_linears(block):
-                full = bprefix + rel
-                if full not in plan or plan[full]["rank"] is None:
-                    continue
-                grams[rel] = torch.zeros(lin.in_features, lin.in_features, dtype=stats_dtype, device=device)
-
-                def acc(_m, args, _out, rel=rel):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    grams[rel] += (x.T @ x).to(stats_dtype)
-
-                hooks.append(lin.register_forward_hook(acc))
-            outputs = []
-            with torch.no_grad():
-                for hidden, kw in inputs:
-                    outputs.append(_block_output(block(hidden, **kw)))
-            for h in hooks:
-                h.remove()
-            ranks = _block_ranks(bprefix, grams, plan, store, device, stats_dtype, cfg) \
-                if cfg.allocation == "energy" else {}
-            for rel, g in list(grams.items()):
-                full = bprefix + rel
-                if not torch.isfinite(g).all():
-                    raise EmlocError(f"non-finite activations entering {full} (dtype {dtype}); use --dtype float32 or check the data")
-                lin = block.get_submodule(rel)
-                w = store.get(full + ".weight").to(device=device, dtype=stats_dtype)
-                if not torch.isfinite(w).all():
-                    raise EmlocError(f"non-finite weights in {full} of {base_dir}; the checkpoint is damaged")
-                k = ranks.get(rel, plan[full]["rank"])
-                fac = factorize(w, g if cfg.whiten else None, k, cfg.eig_floor)
-                if cfg.whiten is False:  # report the error on the calibration data all the same
-                    we = fac.up @ fac.down
-                    d = w - we
-                    fac.rel_error = float(torch.trace(d @ g @ d.T) / torch.trace(w @ g @ w.T).clamp(min=1e-300))
-                new = LowRankLinear(lin.in_features, lin.out_features, k, lin.bias is not None, device=device, dtype=dtype)
-                with torch.no_grad():
-                    new.up.copy_(fac.up)
-                    new.down.copy_(fac.down)
-                    if lin.bias is not None:
-                        new.bias.copy_(lin.bias)
-                _set_module(block, rel, new)
-                m, n = plan[full]["out_features"], plan[full]["in_features"]
-                layers[full] = {**plan[full], "rank": k, "rel_error": fac.rel_error, "params_before": m * n,
-                                "params_after": k * (m + n)}
-                del grams[rel]
-            for full, p in plan.items():
-                if full.startswith(bprefix) and p["rank"] is None:
-                    layers[full] = {**p, "rel_error": 0.0, "params_before": p["out_features"] * p["in_features"],
-                                    "params_after": p["out_features"] * p["in_features"]}
-            if cfg.sequential:
-                with torch.no_grad():
-                    outputs = [_block_output(block(hidden, **kw)) for hidden, kw in inputs]
-            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
-            fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
-            tensors = {bprefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        for step in stream.passes(ids, device, dtype, stats_dtype=stats_dtype, batch_tokens=cfg.batch_tokens,
+                                  sequential=cfg.sequential, desc="building emulator"):
+            layers.update(_compress_block(step, plan, stream.store, device, dtype, stats_dtype, cfg))
+            fname = f"model-{step.index + 1:05d}-of-{n_files:05d}.safetensors"
+            tensors = {step.prefix + k: v.detach().to("cpu").contiguous() for k, v in step.block.state_dict().items()}
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
-            errs = [layers[k]["rel_error"] for k in layers if k.startswith(bprefix)]
-            bar.set_postfix(max_rel_err=f"{max(errs):.3g}" if errs else "-")
-            to_meta(block)
-            store.release()
             del tensors
-            fault_point("build_block", i + 1)
+            fault_point("build_block", step.index + 1)
 
         rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
@@ -370,7 +357,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             "base": str(base_dir),
             "base_fingerprint": fingerprint(base_dir),
             "fingerprint": fingerprint(tmp),
-            "blocks": blocks_name,
+            "blocks": stream.blocks_name,
             "config": cfg,
             "calibration": {"file": str(Path(calibration).expanduser().resolve()), "samples": len(ids),
                             "tokens": n_tokens, "widest_layer_input": width},

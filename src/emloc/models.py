@@ -321,6 +321,16 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def parse_stats_dtype(name: str) -> torch.dtype:
+    """The dtype of calibration statistics and decompositions: `float64` or `float32`."""
+    if name not in STATS_DTYPES:
+        raise EmlocError(f"unknown statistics dtype {name!r}; use float64 or float32")
+    return STATS_DTYPES[name]
+
+
 def parse_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
