@@ -69,7 +69,7 @@ def test_streamed_padded_statistics_equal_per_record_full_model_hooks(tiny_base,
         torch.testing.assert_close(st.input_trace, torch.trace(g), **tol)
         w = model.get_submodule(m).weight.detach().double()
         wgw = w @ g @ w.T
-            torch.testing.assert_close(st.output_gram, wgw, rtol=1e-5, atol=1e-5 * float(wgw.abs().max()))
+        torch.testing.assert_close(st.output_gram, wgw, rtol=1e-5, atol=1e-5 * float(wgw.abs().max()))
 
 
 def test_build_and_correct_see_the_same_statistics(tiny_base, tiny_data, tmp_path, monkeypatch):
