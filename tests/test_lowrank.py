@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from emloc.lowrank import LowRankLinear, factorize, rank_for_ratio, saves_parameters, whitening_factor
+from emloc.lowrank import (
+    LowRankLinear,
+    factorize,
+    rank_for_ratio,
+    saves_parameters,
+    whitening_factor,
+)
 
 
 def correlated_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:

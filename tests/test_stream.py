@@ -6,7 +6,14 @@ import torch
 
 from emloc.data import calibration_ids
 from emloc.models import resolve_model
-from emloc.stream import INPUT_GRAM, INPUT_SUMSQ, OUTPUT_GRAM, BlockPass, StreamedModel, batches_by_length
+from emloc.stream import (
+    INPUT_GRAM,
+    INPUT_SUMSQ,
+    OUTPUT_GRAM,
+    BlockPass,
+    StreamedModel,
+    batches_by_length,
+)
 
 
 def test_batches_by_length_respect_the_token_budget():
@@ -75,7 +82,14 @@ def test_streamed_padded_statistics_equal_per_record_full_model_hooks(tiny_base,
 def test_build_and_correct_see_the_same_statistics(tiny_base, tiny_data, tmp_path, monkeypatch):
     """`emloc build` and `emloc correct --mode weighted` stream the same records through one engine:
     the input Grams correct uses give exactly the statistics build used (output side: W G W^T)."""
-    from emloc import CorrectConfig, EmulatorConfig, TrainConfig, build_emulator, correct_adapter, train_adapter
+    from emloc import (
+        CorrectConfig,
+        EmulatorConfig,
+        TrainConfig,
+        build_emulator,
+        correct_adapter,
+        train_adapter,
+    )
 
     seen: dict[str, list] = {"build": [], "correct": []}
     phase = {"now": "build"}

@@ -15,7 +15,6 @@ import sys
 import types
 import typing
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 from .errors import EmlocError

@@ -13,27 +13,54 @@ m > n, one eigendecomposition of the n x n input Gram serves every layer reading
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .artifacts import (
+    MANIFEST,
+    Stopwatch,
+    fingerprint,
+    peak_memory_mb,
+    read_manifest,
+    staged_output,
+    versions,
+    write_json,
+)
 from .checkpoint import fault_point
-from .errors import EmlocError
 from .data import calibration_ids, read_jsonl
-from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
-                      rank_for_ratio, saves_parameters)
-from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, materialize, parse_device,
-                     parse_dtype, parse_stats_dtype, resolve_model)
+from .errors import EmlocError
+from .lowrank import (
+    EIG_FLOOR,
+    LowRankLinear,
+    Spectrum,
+    allocate_ranks,
+    input_eigh,
+    input_spectrum,
+    output_spectrum,
+    rank_for_ratio,
+    saves_parameters,
+)
+from .models import (
+    WeightStore,
+    block_linears,
+    copy_tokenizer_files,
+    empty_model,
+    load_config,
+    materialize,
+    parse_device,
+    parse_dtype,
+    parse_stats_dtype,
+    resolve_model,
+)
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
 
 log = logging.getLogger("emloc")
@@ -196,8 +223,12 @@ def _shared_eigh(cache: list, gram: torch.Tensor, floor: float) -> tuple[torch.T
 
 
 def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
-             stats_dtype: torch.dtype, cfg: EmulatorConfig) -> tuple[dict[str, Spectrum], dict[str, torch.Tensor]]:
-    """Run the block on the calibration batches; return each compressed layer's spectrum (and plain SVD's Grams)."""
+             stats_dtype: torch.dtype, cfg: EmulatorConfig) -> Iterator[tuple[str, Spectrum, torch.Tensor | None]]:
+    """Run the block on the calibration batches, then yield (layer, spectrum, plain SVD's Gram) one layer at a time.
+
+    Only the block's statistics (the smaller Gram per layer) stay alive; each layer's decomposition
+    is made when it is asked for, so a consumer that factors it at once holds one at a time.
+    """
     def weight(rel: str) -> torch.Tensor:
         w = store.get(step.prefix + rel + ".weight").to(device=device, dtype=stats_dtype)
         if not torch.isfinite(w).all():
@@ -206,24 +237,21 @@ def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: Weig
 
     if not cfg.whiten:  # plain SVD ignores the data; the input Gram only measures its error on it
         stats = step.run({rel: (INPUT_GRAM,) for rel in compressed})
-        spectra = {}
         for rel in compressed:
             w = weight(rel)
             u, sigma, _ = torch.linalg.svd(w, full_matrices=False)
-            spectra[rel] = Spectrum(u, sigma.square(), w)
-        return spectra, {rel: st.input_gram for rel, st in stats.items()}
+            yield rel, Spectrum(u, sigma.square(), w), stats.pop(rel).input_gram
+        return
     sides = {rel: statistics_side(p["out_features"], p["in_features"]) for rel, p in compressed.items()}
     stats = step.run({rel: (side,) for rel, side in sides.items()})
-    spectra = {}
     eigs: list = []
     for rel, side in sides.items():
         st = stats.pop(rel)
         if side == OUTPUT_GRAM:
-            spectra[rel] = output_spectrum(weight(rel), st.output_gram, st.input_trace, cfg.eig_floor)
+            yield rel, output_spectrum(weight(rel), st.output_gram, st.input_trace, cfg.eig_floor), None
         else:
-            spectra[rel] = input_spectrum(weight(rel), _shared_eigh(eigs, st.input_gram, cfg.eig_floor))
+            yield rel, input_spectrum(weight(rel), _shared_eigh(eigs, st.input_gram, cfg.eig_floor)), None
         del st
-    return spectra, {}
 
 
 def _compress_block(step: BlockPass, plan: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
@@ -238,22 +266,22 @@ def _compress_block(step: BlockPass, plan: dict[str, dict[str, Any]], store: Wei
                             "params_after": p["out_features"] * p["in_features"]}
     if not compressed:
         return layers
-    spectra, grams = _spectra(step, compressed, store, device, stats_dtype, cfg)
+    work: Iterable[tuple[str, Spectrum, torch.Tensor | None]] = _spectra(step, compressed, store, device, stats_dtype, cfg)
     ranks = {rel: p["rank"] for rel, p in compressed.items()}
-    if cfg.allocation == "energy":
+    if cfg.allocation == "energy":  # every spectrum of the block is needed before the first rank is known
+        work = list(work)
         budget = sum(p["rank"] * (p["out_features"] + p["in_features"]) for p in compressed.values())
-        ranks = allocate_ranks({rel: sp.energy.cpu() for rel, sp in spectra.items()},
+        ranks = allocate_ranks({rel: sp.energy.cpu() for rel, sp, _ in work},
                                {rel: (p["out_features"], p["in_features"]) for rel, p in compressed.items()}, budget)
-    for rel, p in compressed.items():
-        k = ranks[rel]
-        sp = spectra.pop(rel)
+    for rel, sp, gram in work:
+        k, p = ranks[rel], compressed[rel]
         fac = sp.factors(k)
-        if rel in grams:  # plain SVD: its error measured on the calibration data all the same
-            d, g = sp.weight - fac.up @ fac.down, grams.pop(rel)
-            fac.rel_error = float(torch.trace(d @ g @ d.T) / torch.trace(sp.weight @ g @ sp.weight.T).clamp(min=1e-300))
+        if gram is not None:  # plain SVD: its error measured on the calibration data all the same
+            d = sp.weight - fac.up @ fac.down
+            fac.rel_error = float(torch.trace(d @ gram @ d.T) / torch.trace(sp.weight @ gram @ sp.weight.T).clamp(min=1e-300))
         if not (torch.isfinite(fac.up).all() and torch.isfinite(fac.down).all()):
             raise EmlocError(f"the factors of {step.prefix + rel} are not finite; check the weights and --eig-floor")
-        del sp
+        del sp, gram
         lin = step.block.get_submodule(rel)
         new = LowRankLinear(lin.in_features, lin.out_features, k, lin.bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
