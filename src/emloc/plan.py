@@ -486,31 +486,52 @@ def _inference(shape: ModelShape, cfg: PlanConfig, overhead: int) -> Estimate:
                                   "runtime": overhead}, params=shape.total_params)
 
 
-def svd_workspace(m: int, n: int, s: int) -> int:
-    """Peak bytes of `emloc.lowrank.factorize` on an (m x n) layer in a dtype of s bytes (Gram excluded).
+def svd_workspace(m: int, n: int, s: int, k: int | None = None) -> int:
+    """Peak bytes of one layer's decomposition in `emloc build` (its Gram excluded), in a dtype of s bytes.
 
-    Eigendecomposition phase: W, the symmetrised G, its eigenvectors and LAPACK's 2 n^2 workspace,
-    4 n^2 + m n. SVD phase: S, S^-1, W, W S, its copy and the thin factors and ~4 p^2 of LAPACK
-    workspace (p = min(m, n)), 2 n^2 + 4 m n + 5 p^2. The larger of the two, times s.
+    Output side (m <= n, `emloc.lowrank.output_spectrum`): W, W W^T, C = W G W^T + lambda W W^T, its
+    eigenvectors and ~2 m^2 of LAPACK workspace, then U_k^T W and U_k: m n + 5 m^2 + k (m + n).
+    Input side (m > n, `input_spectrum` after the shared `input_eigh` of G: n^2 vectors + 2 n^2
+    workspace): W, W S, U = W S V (m n each), (W S)^T (W S), its eigenvectors and workspace (3 n^2),
+    then the factors: 3 m n + 6 n^2 + k (m + n). k defaults to min(m, n) / 2.
     """
-    p = min(m, n)
-    return s * max(4 * n * n + m * n, 2 * n * n + 4 * m * n + 5 * p * p)
+    k = min(m, n) // 2 if k is None else k
+    if m <= n:
+        return s * (m * n + 5 * m * m + k * (m + n))
+    return s * (3 * m * n + 6 * n * n + k * (m + n))
+
+
+def statistics_bytes(m: int, n: int, s: int) -> int:
+    """Bytes of the statistics `emloc build` keeps for one compressed (m x n) layer: the smaller Gram.
+
+    Outputs' Gram (m x m) when m <= n, inputs' (n x n) otherwise (`emloc.emulator.statistics_side`).
+    """
+    return min(m, n) ** 2 * s
+
+
+def calibration_forward_tokens(cfg: PlanConfig) -> int:
+    """Padded tokens per calibration forward: records are batched up to `BATCH_TOKENS` (one at least)."""
+    from .stream import BATCH_TOKENS
+
+    return max(cfg.calibration_len, min(BATCH_TOKENS, cfg.calibration_samples * cfg.calibration_len))
 
 
 def _build(shape: ModelShape, cfg: PlanConfig, ratio: float, overhead: int) -> Estimate:
     """`emloc build`: the larger of its block loop and, on cpu, its final save (`_build_save`).
 
-    Block loop (`_build_loop`): resident weights and calibration, plus the larger of Gram
-    accumulation and SVD.
+    Block loop (`_build_loop`): resident weights and calibration, plus the larger of statistics
+    accumulation and decomposition.
     - the runtime and, on cpu, the tokenizer; the non-block weights as far as they are resident
       (`nonblock_resident`: on cpu, memory-mapped, an untied head is not read until the end) and
       one block, in the compute dtype; the calibration hidden states twice (block inputs and
       outputs), 2 x S x T_c x d x w.
-    - Gram accumulation: every compressed layer's n x n Gram in the stats dtype (s bytes) plus, for
-      the widest input, the fp32 product x^T x and its cast, n^2 (4 + s).
-    - factorisation, one layer at a time in module order: the Grams not yet freed (this layer's and
-      those after it) plus `svd_workspace` of that layer; the worst layer counts.
-    - one calibration record through the block, T_c (4 d + 3 I) w.
+    - statistics: every compressed layer's smaller Gram (`statistics_bytes`) in the stats dtype (s
+      bytes), plus, while one batch of t = `calibration_forward_tokens` tokens is accumulated, its
+      widest activation cast to the stats dtype and one product, t x I x s + I'^2 s (I' the widest
+      side whose Gram is kept).
+    - decomposition, one layer at a time in module order: the statistics not yet consumed (this
+      layer's and those after it) plus `svd_workspace` of that layer; the worst layer counts.
+    - one calibration batch through the block, t (4 d + 3 I) w.
     """
     loop = _build_loop(shape, cfg, ratio, overhead)
     if cfg.device != "cpu":
@@ -523,18 +544,18 @@ def _build_loop(shape: ModelShape, cfg: PlanConfig, ratio: float, overhead: int)
     """The block loop of `emloc build` (see `_build`)."""
     w, s = _dtype_bytes(cfg.dtype), _dtype_bytes(cfg.stats_dtype)
     per = shape.per_block
-    block = list(zip(shape.linears[:per], layer_ranks(shape, ratio)[:per]))
-    grams = [n * n * s if k is not None else 0 for (_, _, n), k in block]
-    widest = max((n for (_, _, n), k in block if k is not None), default=0)
-    accumulate = sum(grams) + widest * widest * (4 + (s if s != 4 else 0))
-    factorise = max((sum(grams[i:]) + svd_workspace(m, n, s) for i, ((_, m, n), k) in enumerate(block) if k is not None),
-                    default=0)
+    block = [(m, n, k) for (_, m, n), k in zip(shape.linears[:per], layer_ranks(shape, ratio)[:per]) if k is not None]
+    stats = [statistics_bytes(m, n, s) for m, n, _ in block]
+    t = calibration_forward_tokens(cfg)
+    kept = max((min(m, n) for m, n, _ in block), default=0)
+    accumulate = sum(stats) + t * shape.intermediate * s + kept * kept * s if block else 0
+    factorise = max((sum(stats[i:]) + svd_workspace(m, n, s, k) for i, (m, n, k) in enumerate(block)), default=0)
     d = shape.hidden
     calib = 2 * cfg.calibration_samples * cfg.calibration_len * d * w
-    forward = cfg.calibration_len * (4 * d + 3 * shape.intermediate) * w
+    forward = t * (4 * d + 3 * shape.intermediate) * w
     parts = {"non-block weights": nonblock_resident(shape, cfg, shape.checkpoint_bytes == w),
              "one block": shape.block_params * w, "calibration states": calib,
-             "grams + svd": max(accumulate, factorise), "forward": forward,
+             "statistics + decomposition": max(accumulate, factorise), "forward": forward,
              **_host_runtime(shape, cfg, overhead, tokenizer=True)}
     return Estimate("build", parts)
 
