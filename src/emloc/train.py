@@ -262,7 +262,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
             batch = [train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
             mine = batch[accelerator.process_index::world]
             n_global = torch.tensor(answer_tokens(collate(batch, pad_id)["labels"]), device=device)
-            loss_sum = 0.0
+            loss_sum, step_start = 0.0, time.perf_counter()
             chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
             for j, chunk in enumerate(chunks):
                 b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
@@ -279,7 +279,8 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
             loss = torch.tensor(loss_sum, device=device)
             if world > 1:
                 loss = accelerator.reduce(loss, reduction="sum")
-            row: dict[str, Any] = {"step": step + 1, "loss": round(float(loss), 6), "lr": scheduler.get_last_lr()[0]}
+            row: dict[str, Any] = {"step": step + 1, "loss": round(float(loss), 6), "lr": scheduler.get_last_lr()[0],
+                                   "seconds": round(time.perf_counter() - step_start, 3)}  # the step alone, no eval
             if not math.isfinite(row["loss"]):
                 raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
             last = step + 1 == steps
