@@ -114,6 +114,10 @@ def test_full_tiny_run_through_the_cli(tmp_path, capsys, tiny_base):
                                                    "original + uncorrected LoRA"]
     assert res["rows"][4]["row"].startswith("original + corrected LoRA (auto: ")
     assert all(r["exact_match"] is not None for r in res["rows"])
+    # every stage ran in its own process: its peak is its own, shown against the original's inference
+    assert "Peak memory of each stage" in out and res["inference_peak_rss_mb"] > 0
+    assert [m["stage"].split()[0] for m in res["memory"]] == ["build", "train", "correct"]
+    assert all(m["peak_rss_mb"] > 0 for m in res["memory"])
     code = main(["merge", "--adapter", str(tmp_path / "run" / "corrected"), "--output", str(tmp_path / "merged")])
     assert code == 0 and (tmp_path / "merged" / "config.json").is_file()
     code = main(["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output", str(tmp_path / "merged2")])

@@ -207,3 +207,16 @@ def test_refuses_mismatched_emulator_and_other_adapter_types(tmp_path, tiny_base
         correct_adapter(dora, tmp_path / "c2")
     with pytest.raises(EmlocError, match="clamp"):
         correct_adapter(tiny_adapter, tmp_path / "c3", config=CorrectConfig(clamp=-1))
+
+
+def test_weighted_correction_from_projected_statistics_equals_the_gram_form():
+    torch.manual_seed(3)
+    m, n, r = 12, 20, 3
+    w, w_e = torch.randn(m, n, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64)
+    a, b = torch.randn(r, n, dtype=torch.float64), torch.randn(m, r, dtype=torch.float64)
+    x = torch.randn(50, n, dtype=torch.float64)
+    g = x.T @ x
+    full = weighted_correction(w, w_e, a, b, 2.0, g)
+    small = weighted_correction(None, None, a, b, 2.0, projected=((w - w_e) @ g @ a.T, a @ g @ a.T))
+    torch.testing.assert_close(small.lora_B, full.lora_B)
+    torch.testing.assert_close(small.lora_A, full.lora_A)

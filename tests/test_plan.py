@@ -244,7 +244,7 @@ def test_weighted_correction_streams_statistics():
     cfg = dict(batch=2, seq_len=64, dtype="fp32", device="cpu", ratios=(1.0, 0.5))
     weighted = predict(shape, PlanConfig(correction="weighted", **cfg)).correct
     paper = predict(shape, PlanConfig(correction="paper", **cfg)).correct
-    assert "grams + work" in weighted.parts and "tokenizer" in weighted.parts and "tokenizer" not in paper.parts
+    assert "factors + statistics" in weighted.parts and "tokenizer" in weighted.parts and "tokenizer" not in paper.parts
     assert weighted.total > paper.total
     assert predict(shape, PlanConfig(correction="weighted", stats_dtype="float32", **cfg)).correct.total < weighted.total
     # auto also runs the original on the candidates: never below weighted, and it holds the original's weights

@@ -306,24 +306,9 @@ def _quiet_libraries() -> None:
 
 
 def _return_freed_memory() -> None:
-    """Let glibc give freed tensor memory back to the OS instead of keeping it in the heap.
+    from .artifacts import return_freed_memory
 
-    Without this a CPU run's peak RSS exceeds its live tensors by 1-2 GB on a 135M model (freed
-    activations stay in the process), which would hide whether a stage fits the budget.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        threshold = int(os.environ.get("EMLOC_MMAP_THRESHOLD", 128 * 1024))
-        if threshold <= 0:  # 0 keeps glibc's defaults
-            return
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD: blocks above it come from mmap, unmapped on free
-        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD: trim the heap top eagerly
-    except (OSError, AttributeError):
-        pass
+    return_freed_memory()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,10 @@ error in the LoRA's input features, measured on the calibration data:
 
     C = E G A^T (A G A^T)^-1 (m x r),   B_new = B - C / s,   A_new = A,
 
-with G = sum x x^T the Gram matrix of the original layer's inputs on the calibration records
-(recomputed block by block, `emloc.stream`). C A is the rank-r map through the LoRA's features that
+with G = sum x x^T the Gram matrix of the original layer's inputs on the calibration records. Only
+E G A^T = sum (E x)(A x)^T and A G A^T are needed; they are accumulated from the original's
+activations as its blocks stream past (`emloc.stream`), with E x = W x - W_e x, so neither G nor E
+is formed. C A is the rank-r map through the LoRA's features that
 best reproduces E x on the data: after the correction, the original layer's output differs from the
 trained emulator layer's by a residual orthogonal (under G) to every LoRA feature A x. This is the
 paper's correction solved in the metric of the data instead of the Euclidean one: the emulator's
@@ -154,26 +156,56 @@ def correct_layer(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.
     return LayerCorrection(p.T.contiguous(), (b_prime - c).contiguous(), float(c.norm()), float(b_prime.norm()), clamped)
 
 
-def weighted_correction(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-                        gram: torch.Tensor, ridge: float = 1e-8) -> LayerCorrection:
+def weighted_correction(w: torch.Tensor | None, w_e: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, s: float,
+                        gram: torch.Tensor | None = None, ridge: float = 1e-8,
+                        projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerCorrection:
     """Correct one LoRA layer in the metric of the data (mode `weighted`, see the module docstring).
 
     Args:
-        w: original weight W (m x n).
-        w_e: emulator weight W_e (m x n).
+        w: original weight W (m x n) (not needed with `projected`).
+        w_e: emulator weight W_e (m x n) (not needed with `projected`).
         a: lora_A (r x n).
         b: lora_B (m x r).
         s: LoRA scaling.
         gram: G = sum x x^T of the original layer's inputs on the calibration data (n x n).
         ridge: added to A G A^T as a fraction of its mean diagonal, so that LoRA features the data
             never excites (A G A^T singular) get no correction instead of an arbitrary one.
+        projected: instead of `w`, `w_e` and `gram`: (E G A^T (m x r), A G A^T (r x r)), the only
+            products of G the correction uses, accumulated from the activations
+            (`ProjectedStatistics`), so no n x n matrix is needed.
     """
-    g = gram.to(a.dtype)
-    ag = a @ g  # (r x n)
-    agat = ag @ a.T
+    if projected is None:
+        g = gram.to(a.dtype)
+        ag = a @ g  # (r x n)
+        egat, agat = (w - w_e) @ ag.T, ag @ a.T
+    else:
+        egat, agat = (t.to(a.dtype) for t in projected)
     agat = agat + ridge * agat.diagonal().mean().clamp(min=torch.finfo(a.dtype).tiny) * torch.eye(a.shape[0], dtype=a.dtype)
-    c = torch.linalg.solve(agat, ag @ (w - w_e).T).T / s  # (m x r) = E G A^T (A G A^T)^-1 / s
+    c = torch.linalg.solve(agat, egat.T).T / s  # (m x r) = E G A^T (A G A^T)^-1 / s
     return LayerCorrection(a.contiguous(), (b - c).contiguous(), float(c.norm()), float(b.norm()), 0)
+
+
+class ProjectedStatistics:
+    """Accumulates E G A^T = sum (E x)(A x)^T (m x r) and A G A^T (r x r) of one layer, batch by batch.
+
+    E x = W x - W_e x is the original layer's (bias-free) output minus the emulator layer's, so
+    neither E nor G is ever formed: per batch of t tokens, t (k (m + n) + r n) multiply-adds.
+
+    Args:
+        a: lora_A (r x n); up, down: the emulator's factors (m x k, k x n), all in the statistics dtype
+        on the compute device.
+    """
+
+    def __init__(self, a: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.a, self.up, self.down = a, up, down
+        self.egat = torch.zeros(up.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
+        self.agat = torch.zeros(a.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        ax = x @ self.a.T  # t x r
+        ex = y - (x @ self.down.T) @ self.up.T  # t x m
+        self.egat += ex.T @ ax
+        self.agat += ax.T @ ax
 
 
 def _emulator_weight(store: WeightStore, module: str, layer: dict[str, Any] | None, dtype: torch.dtype) -> torch.Tensor:
@@ -212,20 +244,21 @@ def _check_adapter(adapter: Path) -> dict[str, Any]:
     return config
 
 
-def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir: Path,
-                         modules: list[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """(module, Gram) for every LoRA'd layer, block by block, on the emulator's calibration draw.
+def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir: Path, modules: list[str],
+                         tensors: dict[str, torch.Tensor], emu_store: WeightStore
+                         ) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """(module, (E G A^T, A G A^T)) for every LoRA'd layer, block by block, on the emulator's calibration draw.
 
     Layers the emulator kept dense come first, with None (W_e = W: nothing to correct); then the
-    compressed ones, each with the Gram of the original's inputs to it, as the blocks stream past,
-    so that only one block's Grams are alive at a time.
+    compressed ones, their statistics accumulated from the original's activations as the blocks
+    stream past (`ProjectedStatistics`: m x r and r x r per layer).
     """
     from transformers import AutoTokenizer
 
     from .data import calibration_ids
     from .models import parse_device, parse_dtype, parse_stats_dtype
     from .selection import calibration_file
-    from .stream import INPUT_GRAM, StreamedModel
+    from .stream import StreamedModel
 
     ecfg = emanifest.get("config", {})
     data = calibration_file(cfg.calibration, emanifest)
@@ -239,6 +272,7 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
                           ecfg.get("calibration_tokens"))
     device = parse_device(cfg.device)
     dtype = parse_dtype(ecfg.get("dtype", "auto"), device)
+    sd = parse_stats_dtype(ecfg.get("stats_dtype", "float64"))
     stream = StreamedModel(base_dir)
     outside = [m for m in wanted if not m.startswith(stream.prefix)]
     if outside:
@@ -246,14 +280,18 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
                          "emloc corrects LoRA on block linears only")
     last = max(int(m[len(stream.prefix):].split(".")[0]) for m in wanted)
     stream.load_outside(device, dtype)
-    for step in stream.passes(ids, device, dtype, stats_dtype=parse_stats_dtype(ecfg.get("stats_dtype", "float64")),
-                              batch_tokens=int(ecfg.get("batch_tokens", BATCH_TOKENS)), last=last, desc="calibration statistics"):
+    for step in stream.passes(ids, device, dtype, stats_dtype=sd, batch_tokens=int(ecfg.get("batch_tokens", BATCH_TOKENS)),
+                              last=last, desc="calibration statistics"):
         mine = sorted(m for m in wanted if m.startswith(step.prefix))
-        stats = step.run({m[len(step.prefix):]: (INPUT_GRAM,) for m in mine})
+        acc = {m: ProjectedStatistics(tensors[f"base_model.model.{m}.lora_A.weight"].to(device=device, dtype=sd),
+                                      emu_store.get(f"{m}.up").to(device=device, dtype=sd),
+                                      emu_store.get(f"{m}.down").to(device=device, dtype=sd)) for m in mine}
+        emu_store.release()
+        step.run({m[len(step.prefix):]: (acc[m],) for m in mine})
         for m in mine:
-            g = stats.pop(m[len(step.prefix):]).input_gram.to("cpu")
-            yield m, g
-            del g  # not alive while the next block runs
+            st = acc.pop(m)
+            yield m, (st.egat.cpu(), st.agat.cpu())
+            del st
 
 
 def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Tensor], modules: list[str],
@@ -270,24 +308,22 @@ def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Ten
             report[mod] = {"scaling": scaling(acfg, mod, b.shape[1]), "correction_norm": 0.0, "lora_norm": float(b.float().norm()),
                            "clamped": 0, "rank": b.shape[1]}
         return new, report
-    work = _weighted_statistics(cfg, emanifest, base_dir, modules) if mode == "weighted" else ((m, None) for m in modules)
-    for i, (mod, gram) in enumerate(tqdm(work, total=len(modules), desc=f"correcting LoRA ({mode})", unit="layer")):
+    work = _weighted_statistics(cfg, emanifest, base_dir, modules, tensors, emu_store) if mode == "weighted" \
+        else ((m, None) for m in modules)
+    for i, (mod, projected) in enumerate(tqdm(work, total=len(modules), desc=f"correcting LoRA ({mode})", unit="layer")):
         fault_point("correct_layer", i)
         ka, kb = f"{prefix}{mod}.lora_A.weight", f"{prefix}{mod}.lora_B.weight"
         a, b = tensors[ka].to(dtype), tensors[kb].to(dtype)
         layer = emanifest["layers"].get(mod)
         s = scaling(acfg, mod, a.shape[0])
-        if mode == "weighted" and gram is None:
-            # a layer the emulator kept dense has W_e = W: nothing to correct
-            report[mod] = {"scaling": s, "correction_norm": 0.0, "lora_norm": float(b.norm()), "clamped": 0, "rank": a.shape[0]}
-            continue
-        w = base_store.get(f"{mod}.weight").to(dtype)
-        w_e = _emulator_weight(emu_store, mod, layer, dtype)
         if mode == "weighted":
-            res = weighted_correction(w, w_e, a, b, s, gram)
-            del gram
+            if projected is None:  # a layer the emulator kept dense has W_e = W: nothing to correct
+                report[mod] = {"scaling": s, "correction_norm": 0.0, "lora_norm": float(b.norm()), "clamped": 0, "rank": a.shape[0]}
+                continue
+            res = weighted_correction(None, None, a, b, s, projected=projected)
         else:
-            res = correct_layer(w, w_e, a, b, s, cfg.clamp)
+            w = base_store.get(f"{mod}.weight").to(dtype)
+            res = correct_layer(w, _emulator_weight(emu_store, mod, layer, dtype), a, b, s, cfg.clamp)
         if not (torch.isfinite(res.lora_A).all() and torch.isfinite(res.lora_B).all()):
             raise EmlocError(f"the corrected LoRA of {mod} is non-finite; check the adapter and emulator weights")
         new[ka], new[kb] = res.lora_A.float(), res.lora_B.float()

@@ -1,13 +1,20 @@
-"""`emloc run`: build -> train -> correct -> eval, ending with a side-by-side table."""
+"""`emloc run`: build -> train -> correct -> eval, ending with a side-by-side table.
+
+Every stage runs in a fresh process (`_isolated`), as the stage commands would, so that each
+stage's peak memory is its own; the table sets each beside the peak of evaluating the original
+model (its inference) measured in the same run.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import Stopwatch, check_output_dir, peak_memory_mb, read_manifest, versions, write_json
+from .artifacts import Stopwatch, check_output_dir, peak_memory_mb, read_manifest, return_freed_memory, versions, write_json
 from .correct import CorrectConfig, correct_adapter
 from .data import DEFAULT_TASK, default_task
 from .emulator import EmulatorConfig, build_emulator
@@ -16,6 +23,19 @@ from .models import resolve_model
 from .train import TrainConfig, train_adapter
 
 log = logging.getLogger("emloc")
+
+
+def _child_setup(level: int) -> None:
+    logging.basicConfig(level=level, format="emloc: %(levelname)s: %(message)s")
+    return_freed_memory()
+
+
+def _isolated(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `fn(*args, **kwargs)` in a fresh process (the allocator set as the stage commands set it)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_setup,
+                             initargs=(logging.getLogger("emloc").getEffectiveLevel(),)) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 @dataclass
@@ -63,9 +83,9 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
         train_file, eval_file = Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
         task = str(train_file)
     out.mkdir(parents=True, exist_ok=True)
-    emu = build_emulator(base, train_file, out / "emulator", cfg.emulator, overwrite=True)
-    adapter = train_adapter(emu, train_file, out / "adapter", cfg.train, eval_data=eval_file, overwrite=True)
-    corrected = correct_adapter(adapter, out / "corrected", config=cfg.correct, overwrite=True)
+    emu = _isolated(build_emulator, base, train_file, out / "emulator", cfg.emulator, overwrite=True)
+    adapter = _isolated(train_adapter, emu, train_file, out / "adapter", cfg.train, eval_data=eval_file, overwrite=True)
+    corrected = _isolated(correct_adapter, adapter, out / "corrected", config=cfg.correct, overwrite=True)
     held = eval_file or train_file
     rows_spec = [("zero-shot original", base, None)]
     if cfg.compare_emulator_alone:
@@ -76,18 +96,22 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
     for name, model, ad in rows_spec:
         log.info("evaluating: %s", name)
         slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
-        r = evaluate(model, held, ad, cfg.eval, out / "eval" / f"{slug}.json")
+        r = _isolated(evaluate, model, held, ad, cfg.eval, out / "eval" / f"{slug}.json")
         rows.append({"row": name, "nll": r["nll"], "ppl": r["ppl"], "exact_match": r.get("exact_match"),
-                     "records": r["records"], "answer_tokens": r["answer_tokens"]})
+                     "records": r["records"], "answer_tokens": r["answer_tokens"], "peak_rss_mb": r.get("peak_rss_mb")})
     zero = rows[0]["nll"]
     for r in rows:
         r["gain_vs_zero_shot"] = zero - r["nll"]
     emanifest, cmanifest = read_manifest(emu), read_manifest(corrected)
+    inference = rows[0]["peak_rss_mb"]
+    memory = [{"stage": stage, "peak_rss_mb": m.get("peak_rss_mb"), "vs_inference": m.get("peak_rss_mb", 0) / inference}
+              for stage, m in (("build (emulator)", emanifest), ("train (LoRA on the emulator)", read_manifest(adapter)),
+                               ("correct", cmanifest))] if inference else []
     result = {
         "base": str(base), "task": task, "eval_data": str(held), "config": cfg, "rows": rows,
         "emulator_params": emanifest["params"], "calibration": emanifest["calibration"],
         "clamped_directions": cmanifest.get("clamped_directions"), "directions": cmanifest.get("directions"),
-        "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
+        "inference_peak_rss_mb": inference, "memory": memory, "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
     }
     write_json(out / "results.json", result)
     table = format_table(result)
@@ -111,6 +135,11 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         em = f" {r['exact_match']:.3f} |" if r["exact_match"] is not None else ""
         lines.append(f"| {r['row']} | {r['nll']:.4f} | {r['ppl']:.2f} | {r['gain_vs_zero_shot']:+.4f} |{em}")
+    if result.get("memory"):
+        lines += ["", f"Peak memory of each stage (its own process) against inference of the original (its zero-shot "
+                      f"evaluation, {result['inference_peak_rss_mb']:.0f} MB):", "",
+                  "| stage | peak RSS (MB) | / inference |", "|---|---|---|"]
+        lines += [f"| {m['stage']} | {m['peak_rss_mb']:.0f} | {m['vs_inference']:.2f} |" for m in result["memory"]]
     return "\n".join(lines)
 
 

@@ -617,16 +617,13 @@ def _correct(shape: ModelShape, cfg: PlanConfig, lora: int, ratio: float) -> Est
     - always: the adapter twice in fp32 (input and output), 2 x lora x 4, and the process overhead.
     - mode paper / none: for the largest layer W as read and W, W_e and W - W_e in fp32, m n (w + 12).
     - mode weighted, which streams the original block by block over the calibration records (as
-      `build` does, in the stats dtype, s bytes) for the Gram of every compressed layer's inputs:
-      the tokenizer, the non-block weights (`nonblock_resident`), one block, the calibration states
-      twice (block inputs and outputs, 2 x S x T_c x d x w), one block's Grams (n^2 s each) plus the
-      larger of the accumulation (the widest input's product x^T x, n^2 s, and x cast, T_c n s) and
-      a layer's correction (its Gram cast to fp32 when s = 8, 4 n^2, and W, W_e, W - W_e in fp32,
-      12 m n). The last Gram of the previous block is still referenced (by the loop variables of
-      the generators `stats.stream_input_grams` and `correct._weighted_statistics`) while the next
-      block accumulates: one more n^2 s of the last compressed layer (down_proj: its input is the
-      MLP width). On cuda the streaming runs on the GPU (smaller than `build`, which is checked
-      there); the host then holds the adapter, one Gram and one layer.
+      `build` does) and accumulates per compressed layer E G A^T (m x r) and A G A^T (r x r) from
+      the activations (`emloc.correct.ProjectedStatistics`): the tokenizer, the non-block weights
+      (`nonblock_resident`), one block, the calibration states twice (2 x S x T_c x d x w), the
+      block's emulator factors and LoRA A in the stats dtype (s bytes), and one batch of t =
+      `calibration_forward_tokens` tokens: the layer's inputs, outputs and E x in the stats dtype,
+      t (d + 2 I) s, plus its forward, t (4 d + 3 I) w. On cuda the streaming runs on the GPU; the
+      host holds the adapter.
     """
     if cfg.correction == "auto":
         from dataclasses import replace
@@ -638,21 +635,18 @@ def _correct(shape: ModelShape, cfg: PlanConfig, lora: int, ratio: float) -> Est
     parts = {"adapter x2": 2 * lora * 4, "runtime": CPU_OVERHEAD}
     if cfg.correction != "weighted":
         return Estimate("correct", parts | {"one layer": shape.largest_layer * (12 + w)}, host=True)
-    block = [(m, n) for (_, m, n), k in zip(shape.linears[:shape.per_block], layer_ranks(shape, ratio)[:shape.per_block])
+    if cfg.device != "cpu":
+        return Estimate("correct", parts, host=True)
+    block = [(m, n, k) for (_, m, n), k in zip(shape.linears[:shape.per_block], layer_ranks(shape, ratio)[:shape.per_block])
              if k is not None]
-    grams = sum(n * n * s for _, n in block)
-    widest = max((n for _, n in block), default=0)
-    accumulate = widest * widest * s + cfg.calibration_len * widest * s
-    layer = max((4 * n * n * (s == 8) + 12 * m * n for m, n in block), default=0)
-    parts["tokenizer"] = tokenizer_bytes(shape)
-    if cfg.device == "cpu":
-        parts |= {"non-block weights": nonblock_resident(shape, cfg, shape.checkpoint_bytes == w),
-                  "one block": shape.block_params * w,
-                  "calibration states": 2 * cfg.calibration_samples * cfg.calibration_len * shape.hidden * w,
-                  "grams + work": grams + max(accumulate, layer),
-                  "previous block's last gram": block[-1][1] ** 2 * s if block else 0}
-    else:
-        parts["one gram + layer"] = max((n * n * (s + 4) + 12 * m * n for m, n in block), default=0)
+    t, d = calibration_forward_tokens(cfg), shape.hidden
+    factors = sum(k * (m + n) + cfg.rank * (n + m) for m, n, k in block) * s
+    parts |= {"tokenizer": tokenizer_bytes(shape),
+              "non-block weights": nonblock_resident(shape, cfg, shape.checkpoint_bytes == w),
+              "one block": shape.block_params * w,
+              "calibration states": 2 * cfg.calibration_samples * cfg.calibration_len * d * w,
+              "factors + statistics": factors + t * (d + 2 * shape.intermediate) * s,
+              "forward": t * (4 * d + 3 * shape.intermediate) * w}
     return Estimate("correct", parts, host=True)
 
 

@@ -14,8 +14,10 @@ weighted` run the base model the same way, inside the memory of one block:
 
 Statistics (unnormalised sums over the calibration tokens, in `stats_dtype`, on the compute device):
 `INPUT_GRAM` G = sum x x^T (n x n), `OUTPUT_GRAM` sum y y^T of the bias-free output y = W x
-(m x m, = W G W^T), `INPUT_SUMSQ` diag(G) (n). Every request also gets the token count and
-trace(G). Layers that read the same tensor (q/k/v, gate/up) share one input product.
+(m x m, = W G W^T), `INPUT_SUMSQ` diag(G) (n), or any callable `fn(x, y)`, called on every batch
+with the real tokens' inputs (t x n) and bias-free outputs (t x m) in `stats_dtype`, for
+statistics of a caller's own. Every request also gets the token count and trace(G). Layers that
+read the same tensor (q/k/v, gate/up) share one input product.
 
 Records are right-padded: with causal attention a real token never attends to a later (padded)
 position, so its activations are those of the record run alone; batching only changes float
@@ -213,12 +215,12 @@ class BlockPass:
         with torch.no_grad():
             return [_block_output(self.block(b.hidden, **b.kwargs)) for b in self.inputs]
 
-    def run(self, requests: dict[str, set[str] | tuple[str, ...]]) -> dict[str, LayerStats]:
+    def run(self, requests: dict[str, set[Any] | tuple[Any, ...]]) -> dict[str, LayerStats]:
         """Run the block on the calibration batches and return the statistics asked for.
 
         Args:
             requests: layer name relative to the block (e.g. `mlp.down_proj`) -> statistics
-                (`INPUT_GRAM`, `OUTPUT_GRAM`, `INPUT_SUMSQ`).
+                (`INPUT_GRAM`, `OUTPUT_GRAM`, `INPUT_SUMSQ`, or callables `fn(x, y)`, see the module doc).
 
         Returns:
             layer name -> `LayerStats`. The block's outputs are kept as the next block's inputs.
@@ -253,18 +255,22 @@ class BlockPass:
                 st.input_gram = entry["gram"].clone() if st.input_gram is None else st.input_gram.add_(entry["gram"])
             if INPUT_SUMSQ in kinds:
                 st.input_sumsq = entry["sumsq"].clone() if st.input_sumsq is None else st.input_sumsq.add_(entry["sumsq"])
-            if OUTPUT_GRAM in kinds:
+            callbacks = [k for k in kinds if callable(k)]
+            if OUTPUT_GRAM in kinds or callbacks:
                 mask = current["mask"]
                 y = out.detach().reshape(-1, out.shape[-1])
                 ys = (y[mask] if mask is not None and y.shape[0] == mask.numel() else y).to(sd)
                 if lin.bias is not None:
                     ys = ys - lin.bias.to(sd)
-                g = ys.T @ ys
-                st.output_gram = g if st.output_gram is None else st.output_gram.add_(g)
+                if OUTPUT_GRAM in kinds:
+                    g = ys.T @ ys
+                    st.output_gram = g if st.output_gram is None else st.output_gram.add_(g)
+                for fn in callbacks:
+                    fn(entry["xs"], ys)
 
         hooks = []
         for rel, kinds in requests.items():
-            bad = set(kinds) - set(STATISTICS)
+            bad = {k for k in kinds if not callable(k)} - set(STATISTICS)
             if bad or rel not in linears:
                 raise ValueError(f"cannot collect {sorted(bad) or kinds} for {self.prefix}{rel}")
             lin = linears[rel]
