@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,9 +69,9 @@ print(json.dumps({"flops": counter.get_total_flops()}))
 """
 
 
-def run(cmd: list[str]) -> str:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     """Run a process to completion; return its stdout (peak memory comes from the stage manifests)."""
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
     return p.stdout
@@ -130,6 +131,10 @@ def main() -> None:
     ap.add_argument("--reference", nargs="*", default=[], metavar="RATIO=DIR",
                     help="emulator folders built by an earlier version, to compare time and relative errors")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--skip-builds", action="store_true", help="reuse the emulators already in --output")
+    ap.add_argument("--mmap-thresholds", type=int, nargs="+", default=[131072], metavar="BYTES",
+                    help="EMLOC_MMAP_THRESHOLD values for the training rows (131072: the stage commands' default; "
+                         "0: glibc's defaults)")
     ap.add_argument("--output", type=Path, default=Path("reports/speed"))
     args = ap.parse_args()
     from emloc.data import default_task
@@ -146,8 +151,9 @@ def main() -> None:
     refs = dict(r.split("=", 1) for r in args.reference)
     for ratio in args.ratios:
         emu = out / f"emulator-{ratio}"
-        run(emloc + ["build", "--base", args.base, "--data", data, "--output", str(emu), "--ratio", str(ratio),
-                     "--samples", str(args.samples), "--device", "cpu", "--dtype", args.dtype, "--overwrite"])
+        if not args.skip_builds:
+            run(emloc + ["build", "--base", args.base, "--data", data, "--output", str(emu), "--ratio", str(ratio),
+                         "--samples", str(args.samples), "--device", "cpu", "--dtype", args.dtype, "--overwrite"])
         m = json.loads((emu / "manifest.json").read_text())
         flops = decomposition_flops(m["layers"], m["calibration"]["tokens"])
         floor = report["forward"]["seconds"] + sum(flops.values()) / rates["float64"]
@@ -163,18 +169,24 @@ def main() -> None:
         print(json.dumps({ratio: row}), flush=True)
     if not args.skip_training:
         models = {"original": args.base} | {f"emulator {r}": str(out / f"emulator-{r}") for r in args.ratios}
+        flops = {}
         for label, model in models.items():
-            folder = out / f"train-{label.replace(' ', '-')}"
-            run(emloc + ["train", "--model", model, "--data", data, "--output", str(folder), "--steps", str(args.steps),
-                         "--batch-size", str(args.batch), "--micro-batch-size", str(args.batch), "--eval-every", "0",
-                         "--eval-fraction", "0", "--device", "cpu", "--dtype", args.dtype, "--overwrite"])
-            rows = [json.loads(x) for x in (folder / "loss_log.jsonl").read_text().splitlines()]
-            man = json.loads((folder / "manifest.json").read_text())
             f = run([sys.executable, "-c", FLOPS, model, data, str(args.batch), args.dtype])
-            report["training"][label] = {"s_per_step": statistics.median(r["seconds"] for r in rows[1:]),
-                                         "first_step": rows[0]["seconds"], "peak_rss_mb": man["peak_rss_mb"],
-                                         "flops": json.loads(f.strip().splitlines()[-1])["flops"]}
-            print(json.dumps({label: report["training"][label]}), flush=True)
+            flops[label] = json.loads(f.strip().splitlines()[-1])["flops"]
+        for thr in args.mmap_thresholds:
+            env = dict(os.environ, EMLOC_MMAP_THRESHOLD=str(thr))
+            for label, model in models.items():
+                folder = out / f"train-{label.replace(' ', '-')}-{thr}"
+                run(emloc + ["train", "--model", model, "--data", data, "--output", str(folder), "--steps", str(args.steps),
+                             "--batch-size", str(args.batch), "--micro-batch-size", str(args.batch), "--eval-every", "0",
+                             "--eval-fraction", "0", "--device", "cpu", "--dtype", args.dtype, "--overwrite"], env)
+                rows = [json.loads(x) for x in (folder / "loss_log.jsonl").read_text().splitlines()]
+                man = json.loads((folder / "manifest.json").read_text())
+                key = f"{label}, mmap threshold {thr}"
+                report["training"][key] = {"s_per_step": statistics.median(r["seconds"] for r in rows[1:]),
+                                           "first_step": rows[0]["seconds"], "peak_rss_mb": man["peak_rss_mb"],
+                                           "flops": flops[label], "original": f"original, mmap threshold {thr}"}
+                print(json.dumps({key: report["training"][key]}), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report))
     print(format_report(report))
@@ -194,10 +206,10 @@ def format_report(r: dict) -> str:
         lines.append(f"| {ratio} | {before} | {b['seconds']:.1f} | {b['floor_seconds']:.1f} | "
                      f"{b['seconds'] / b['floor_seconds']:.2f} | {diff} | {b['peak_rss_mb']:.0f} |")
     if r["training"]:
-        orig = r["training"].get("original")
         lines += ["", "| training | s/step | flops/step (G) | time / original | flops / original | peak RSS (MB) |",
                   "|---|---|---|---|---|---|"]
         for label, t in r["training"].items():
+            orig = r["training"].get(t.get("original", "original"))
             tr = f"{t['s_per_step'] / orig['s_per_step']:.2f}" if orig else "-"
             fr = f"{t['flops'] / orig['flops']:.2f}" if orig else "-"
             lines.append(f"| {label} | {t['s_per_step']:.2f} | {t['flops'] / 1e9:.0f} | {tr} | {fr} | {t['peak_rss_mb']:.0f} |")
