@@ -32,8 +32,8 @@ from pathlib import Path
 
 INFER = """
 import sys, torch
-from emloc.cli import _return_freed_memory
-_return_freed_memory()  # the same allocator setting as the emloc commands it is compared with
+from emloc.artifacts import return_freed_memory
+return_freed_memory()  # EMLOC_MMAP_THRESHOLD, set by the parent for every child
 from transformers import AutoModelForCausalLM
 from emloc.models import resolve_model, parse_device, parse_dtype
 dev = parse_device(sys.argv[3]); model = AutoModelForCausalLM.from_pretrained(resolve_model(sys.argv[4]), dtype=parse_dtype(sys.argv[5], dev)).to(dev).eval()
@@ -56,6 +56,8 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
+    # peaks of memory in use: every child (stage commands, inference) returns freed memory to the OS
+    os.environ.setdefault("EMLOC_MMAP_THRESHOLD", "131072")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])

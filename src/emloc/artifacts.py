@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from .errors import EmlocError
 
 MANIFEST = "manifest.json"
-MMAP_THRESHOLD = 128 * 1024  # bytes; see `return_freed_memory`
+MEASURE_THRESHOLD = 128 * 1024  # bytes: the setting under which peak RSS is the memory in use (`return_freed_memory`)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -172,26 +172,28 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def return_freed_memory() -> None:
-    """Let glibc give freed tensor memory back to the OS instead of keeping it in the heap.
+def return_freed_memory(default: int = 0) -> None:
+    """Apply `EMLOC_MMAP_THRESHOLD` (bytes, else `default`; 0 keeps glibc's defaults) to this process.
 
-    Without this a CPU run's peak RSS exceeds its live tensors by 1-2 GB on a 135M model (freed
-    activations stay in the process), which would hide whether a stage fits the budget. Blocks above
-    the threshold (`EMLOC_MMAP_THRESHOLD` bytes; 0 keeps glibc's defaults) are mapped on allocation
-    and unmapped on free, and the heap top is trimmed eagerly.
+    With a threshold, glibc maps every block above it on allocation and unmaps it on free, and trims
+    the heap top eagerly, so peak RSS is the memory in use; with glibc's defaults freed tensors stay
+    in the heap for reuse. On 2 CPU cores, `MEASURE_THRESHOLD` (128 KiB) made LoRA training 1.6x
+    slower on SmolLM2-135M and Qwen2.5-Coder-0.5B (every fresh page is faulted and zeroed) and cut
+    its peak RSS by 1.3 GB (README, "Speed"). The stage commands default to speed; `emloc run` and
+    benchmarks/memory.py, which report peaks against inference, use `MEASURE_THRESHOLD`.
     """
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        threshold = int(os.environ.get("EMLOC_MMAP_THRESHOLD", MMAP_THRESHOLD))
+        threshold = int(os.environ.get("EMLOC_MMAP_THRESHOLD", default))
         if threshold <= 0:
             return
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ValueError):
         pass
 
 

@@ -165,7 +165,8 @@ def cmd_run(ns: argparse.Namespace) -> None:
     d = RunConfig()
     emu = dataclasses.replace(d.emulator, ratio=_ratio(ns), samples=ns.samples, seed=ns.seed, device=ns.device, dtype=ns.dtype)
     tr = dataclasses.replace(d.train, steps=ns.steps, rank=ns.rank, alpha=ns.alpha, lr=ns.lr, batch_size=ns.batch_size,
-                             micro_batch_size=ns.micro_batch_size, seed=ns.seed, device=ns.device, dtype=ns.dtype)
+                             micro_batch_size=ns.micro_batch_size, seed=ns.seed, device=ns.device, dtype=ns.dtype,
+                             gradient_checkpointing=ns.gradient_checkpointing)
     co = CorrectConfig(mode=ns.mode, clamp=ns.clamp)
     ev = dataclasses.replace(d.eval, samples=ns.eval_samples, exact_match=ns.exact_match, device=ns.device, dtype=ns.dtype)
     assert isinstance(emu, EmulatorConfig) and isinstance(tr, TrainConfig) and isinstance(ev, EvalConfig)
@@ -264,7 +265,9 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     r = verb("run", cmd_run, "build -> train -> correct -> eval, with a comparison table (no arguments: the embedded demo)")
-    d_tr, d_ev = TrainConfig(steps=100), EvalConfig()
+    from .pipeline import RunConfig
+
+    d_tr = RunConfig().train
     r.add_argument("--base", default="smollm2-135m", help="model folder or packaged name (default: smollm2-135m)")
     r.add_argument("--task", default="chatterbot-en", help="embedded task when --data is not given: chatterbot-en "
                    "(default) or chatterbot-topic")
@@ -280,6 +283,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
     r.add_argument("--batch-size", type=int, default=d_tr.batch_size, help=f"global batch (default: {d_tr.batch_size})")
     r.add_argument("--micro-batch-size", type=int, default=d_tr.micro_batch_size, help="records per forward pass")
+    r.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d_tr.gradient_checkpointing,
+                   help=f"recompute block activations in training (default: {d_tr.gradient_checkpointing})")
     r.add_argument("--mode", default="auto", help="correction: auto, weighted, paper or none (default: auto)")
     r.add_argument("--clamp", type=_optional_float, default=3.0, help="clamp L of --mode paper, or none (default: 3)")
     r.add_argument("--eval-samples", type=int, default=None, help="evaluate at most this many held-out records")

@@ -39,9 +39,10 @@ CPU_OVERHEAD = int(0.39 * GIB)
 CUDA_OVERHEAD = int(0.5 * GIB)
 # glibc keeps freed heap blocks (tensors under its dynamic mmap threshold, up to 32 MiB) in the
 # process, so a CPU training run's peak RSS can exceed its live tensors: measured on SmolLM2-135M
-# (benchmarks/plan_validation.py) at 1.3 / 0.65 x L x BT x A without / with checkpointing. The emloc
-# command line sets a fixed 128 KiB mmap threshold (cli._return_freed_memory), which removes it, so
-# the prediction for emloc's own processes carries no slack; use these factors for other processes.
+# (benchmarks/plan_validation.py) at 1.3 / 0.65 x L x BT x A without / with checkpointing. The plan
+# predicts the memory in use, what peak RSS shows with EMLOC_MMAP_THRESHOLD=131072 (as `emloc run`
+# and benchmarks/memory.py set it; the stage commands keep glibc's defaults for speed, see
+# artifacts.return_freed_memory); use these factors for processes with glibc's defaults.
 CPU_ALLOCATOR_SLACK = {False: 1.3, True: 0.65}
 EMLOC_ALLOCATOR_SLACK = 0.0
 # A loaded fast tokenizer (vocabulary, merges, added tokens) stays resident beside the model in every
