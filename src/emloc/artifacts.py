@@ -177,9 +177,9 @@ def return_freed_memory(default: int = 0) -> None:
 
     With a threshold, glibc maps every block above it on allocation and unmaps it on free, and trims
     the heap top eagerly, so peak RSS is the memory in use; with glibc's defaults freed tensors stay
-    in the heap for reuse. On 2 CPU cores, `MEASURE_THRESHOLD` (128 KiB) made LoRA training 1.6x
+    in the heap for reuse. On 2 CPU cores, `MEASURE_THRESHOLD` (128 KiB) made LoRA training 1.2-2.4x
     slower on SmolLM2-135M and Qwen2.5-Coder-0.5B (every fresh page is faulted and zeroed) and cut
-    its peak RSS by 1.3 GB (README, "Speed"). The stage commands default to speed; `emloc run` and
+    its peak RSS by 1.3-3.2 GB (README, "Speed"). The stage commands default to speed; `emloc run` and
     benchmarks/memory.py, which report peaks against inference, use `MEASURE_THRESHOLD`.
     """
     if not sys.platform.startswith("linux"):
