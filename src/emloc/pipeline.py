@@ -27,7 +27,10 @@ log = logging.getLogger("emloc")
 
 
 def _child_setup(level: int) -> None:
+    from .cli import _quiet_libraries
+
     logging.basicConfig(level=level, format="emloc: %(levelname)s: %(message)s")
+    _quiet_libraries()
     return_freed_memory(MEASURE_THRESHOLD)  # the table compares peaks: memory in use, not glibc's reserve
 
 
