@@ -25,6 +25,8 @@ from .loss import answer_nll
 
 log = logging.getLogger("emloc")
 
+SELECT_BATCH = 4  # records per forward pass while scoring the candidates
+
 
 def calibration_file(explicit: str | None, emanifest: dict[str, Any]) -> Path:
     """The calibration JSONL: `explicit`, else the one recorded in the emulator's manifest."""
@@ -64,7 +66,8 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
     net = load_model(base_dir, cfg.device, ecfg.get("dtype", "auto"))
     device = next(net.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    batches = [collate(held[i:i + 8], pad) for i in range(0, len(held), 8)]
+    # batches of 4: the original plus three candidate adapters stay under its evaluation's peak (batch 8)
+    batches = [collate(held[i:i + SELECT_BATCH], pad) for i in range(0, len(held), SELECT_BATCH)]
     scores: dict[str, float] = {}
     peft_model = None
     with tempfile.TemporaryDirectory(prefix="emloc-select-") as tmp:
