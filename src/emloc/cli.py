@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `emloc` console script."""
     parser = make_parser()
     ns = parser.parse_args(argv)
-    if ns.verb != "run":  # `run` chains every stage in one process: a demo, it favours speed
+    if ns.verb != "run":  # `run` sets its stage processes' allocator itself (emloc.pipeline)
         _return_freed_memory()
     ns.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="emloc: %(levelname)s: %(message)s")
