@@ -27,27 +27,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .artifacts import (
-    MANIFEST,
-    Stopwatch,
-    fingerprint,
-    peak_memory_mb,
-    staged_output,
-    versions,
-    write_json,
-)
+from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, staged_output, versions, write_json
 from .data import calibration_ids
 from .errors import EmlocError
-from .models import (
-    WeightStore,
-    block_linears,
-    copy_tokenizer_files,
-    empty_model,
-    find_blocks,
-    load_config,
-    parse_device,
-    parse_dtype,
-)
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
+                     parse_device, parse_dtype)
 from .stream import INPUT_SUMSQ, StreamedModel
 
 METHODS = ("layer-drop", "channel-prune")

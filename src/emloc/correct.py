@@ -55,16 +55,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import (
-    MANIFEST,
-    Stopwatch,
-    fingerprint,
-    peak_memory_mb,
-    read_manifest,
-    staged_output,
-    versions,
-    write_json,
-)
+from .artifacts import (MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
+                        write_json)
 from .checkpoint import fault_point
 from .errors import EmlocError
 from .models import WeightStore, empty_model, load_config, resolve_model

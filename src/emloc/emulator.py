@@ -25,42 +25,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import (
-    MANIFEST,
-    Stopwatch,
-    fingerprint,
-    peak_memory_mb,
-    read_manifest,
-    staged_output,
-    versions,
-    write_json,
-)
+from .artifacts import (MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
+                        write_json)
 from .checkpoint import fault_point
 from .data import calibration_ids, read_jsonl
 from .errors import EmlocError
-from .lowrank import (
-    EIG_FLOOR,
-    LowRankLinear,
-    Spectrum,
-    allocate_ranks,
-    input_eigh,
-    input_spectrum,
-    output_spectrum,
-    rank_for_ratio,
-    saves_parameters,
-)
-from .models import (
-    WeightStore,
-    block_linears,
-    copy_tokenizer_files,
-    empty_model,
-    load_config,
-    materialize,
-    parse_device,
-    parse_dtype,
-    parse_stats_dtype,
-    resolve_model,
-)
+from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
+                      rank_for_ratio, saves_parameters)
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, materialize,
+                     parse_device, parse_dtype, parse_stats_dtype, resolve_model)
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
 
 log = logging.getLogger("emloc")

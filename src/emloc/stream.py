@@ -36,15 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import EmlocError
-from .models import (
-    WeightStore,
-    block_linears,
-    empty_model,
-    find_blocks,
-    load_config,
-    materialize,
-    to_meta,
-)
+from .models import WeightStore, block_linears, empty_model, find_blocks, load_config, materialize, to_meta
 
 INPUT_GRAM = "input_gram"
 OUTPUT_GRAM = "output_gram"
