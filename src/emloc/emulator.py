@@ -289,12 +289,13 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     watch = Stopwatch()
     rules = _rules(cfg.ratio)
     targets = re.compile(cfg.targets) if cfg.targets else None
+    if cfg.batch_tokens < 1:
+        raise EmlocError(f"--batch-tokens must be at least 1 (got {cfg.batch_tokens})")
+    stats_dtype = parse_stats_dtype(cfg.stats_dtype)  # settings fail before any I/O
     base_dir = resolve_model(base)
     out_path = Path(output).expanduser().resolve()
     if out_path == base_dir:
         raise EmlocError("the emulator output folder is the base model folder; choose a new folder")
-    if cfg.batch_tokens < 1:
-        raise EmlocError(f"--batch-tokens must be at least 1 (got {cfg.batch_tokens})")
     if cfg.method != "svd":
         from .baselines import build_baseline
 
@@ -305,7 +306,6 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         raise EmlocError(f"unknown rank allocation {cfg.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
-    stats_dtype = parse_stats_dtype(cfg.stats_dtype)
 
     # Calibration data: seeded draw, optionally extended to a token target.
     tok = AutoTokenizer.from_pretrained(base_dir)
