@@ -44,8 +44,9 @@ class BenchConfig:
         max_length: tokens per record.
         samples: calibration records of the main EMLoC rows.
         eval_samples: held-out records evaluated (None: all).
-        seeds: seeds of the main rows (LoRA on the original, EMLoC at the first ratio); other ratios,
-            the baselines and the ablations use the first seed.
+        seeds: seeds of the main rows (LoRA on the original, QLoRA, EMLoC at the first `seeded_ratios`
+            ratios); other ratios, the baselines and the ablations use the first seed.
+        seeded_ratios: how many of `ratios` get every seed.
         clamps: clamp values for the clamp ablation (None = no clamp).
         calibration_sizes: calibration sizes for the calibration ablation.
         plain_svd: add the plain (non-whitened) SVD ablation.
@@ -54,6 +55,12 @@ class BenchConfig:
         other_calibration: an embedded task whose training records calibrate an extra emulator (the
             off-task calibration ablation), or None.
         baselines: add the Offsite-style (layer drop) and pruning emulators at the first ratio.
+        methods: emulator methods of the EMLoC rows (`svd`, `quant`, `svd+quant`; see `emloc build
+            --method`); a method that cannot reach a ratio's bytes is listed as not run there.
+        qlora: add QLoRA rows (LoRA trained on an NF4 copy of the base with bitsandbytes, evaluated on
+            the original and on the NF4 copy), seeded like the main rows.
+        checkpointing: add the row of LoRA on the original with gradient checkpointing (and the
+            chunked loss every row uses), for its training peak.
         smaller: a smaller model of the same family to train with LoRA, or None. With it, the
             comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
             before LoRA on the original, which is over the budget by design.
@@ -77,6 +84,7 @@ class BenchConfig:
     samples: int = 64
     eval_samples: int | None = None
     seeds: tuple[int, ...] = (0,)
+    seeded_ratios: int = 1
     clamps: tuple[float | None, ...] = (1.0, 10.0, None)
     calibration_sizes: tuple[int, ...] = (8, 16, 256)
     plain_svd: bool = True
@@ -84,6 +92,9 @@ class BenchConfig:
     sequential: bool = True
     other_calibration: str | None = "chatterbot-en"
     baselines: bool = True
+    methods: tuple[str, ...] = ("svd",)
+    qlora: bool = False
+    checkpointing: bool = False
     smaller: str | None = None
     stats_dtype: str = "float64"
     dtype: str = "auto"
@@ -108,6 +119,15 @@ PRESETS: dict[str, BenchConfig] = {
                                     smaller="qwen2.5-coder-0.5b", baselines=False, stats_dtype="float32",
                                     clamps=(), calibration_sizes=(), plain_svd=False, energy_allocation=False,
                                     sequential=False, other_calibration=None),
+    # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
+    # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
+    "budget": BenchConfig(ratios=(0.5, 0.25), steps=100, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("svd", "quant", "svd+quant"),
+                          seeded_ratios=2, qlora=True, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
+    "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5, 0.25), steps=100, seeds=(0,), eval_samples=64, dtype="bfloat16",
+                               methods=("svd", "quant", "svd+quant"), qlora=True, checkpointing=True, clamps=(),
+                               calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
+                               other_calibration=None, baselines=False),
 }
 
 NOT_RUN: dict[str, str] = {}
@@ -138,14 +158,14 @@ class _Runner:
                      *extra, *self.dev())
         return out
 
-    def train(self, name: str, model: str, data: str, eval_data: str, seed: int) -> Path:
+    def train(self, name: str, model: str, data: str, eval_data: str, seed: int, *extra: str) -> Path:
         out = self.work / name
         c = self.cfg
         if read_manifest(out) is None:
             self.cli("train", "--model", model, "--data", data, "--eval-data", eval_data, "--output", str(out),
                      "--steps", str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--rank", str(c.rank),
                      "--alpha", str(c.alpha), "--max-length", str(c.max_length), "--eval-every", "0", "--eval-samples", "64",
-                     "--seed", str(seed), "--overwrite", *self.dev())
+                     "--seed", str(seed), "--overwrite", *extra, *self.dev())
         return out
 
     def correct(self, name: str, adapter: Path, clamp: float | None, mode: str = "paper") -> Path:
@@ -155,7 +175,7 @@ class _Runner:
                      "--clamp", "none" if clamp is None else str(clamp), "--overwrite", *self.dev(dtype=False))
         return out
 
-    def eval(self, name: str, model: str, eval_data: str, adapter: Path | None = None) -> dict[str, Any]:
+    def eval(self, name: str, model: str, eval_data: str, adapter: Path | None = None, *extra: str) -> dict[str, Any]:
         out = self.work / "eval" / f"{name}.json"
         if not out.is_file():
             args = ["eval", "--model", model, "--data", eval_data, "--output", str(out), "--max-length", str(self.cfg.max_length)]
@@ -163,7 +183,7 @@ class _Runner:
                 args += ["--adapter", str(adapter)]
             if self.cfg.eval_samples:
                 args += ["--samples", str(self.cfg.eval_samples)]
-            self.cli(*args, *self.dev())
+            self.cli(*args, *extra, *self.dev())
         return json.loads(out.read_text())
 
 
@@ -183,6 +203,8 @@ def _row(method: str, ratio: float | None, seed: int, ev: dict[str, Any], **stag
                        seconds_per_step=m.get("seconds_per_step"))
         if stage == "correct":
             row.update(clamped=m.get("clamped_directions"), directions=m.get("directions"))
+        if stage == "build" and m.get("bytes"):
+            row["bytes_fraction"] = m["bytes"]["fraction"]
     return row
 
 
@@ -220,36 +242,18 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         jobs.append((f"lora-original-s{seed}", lambda s=seed: _row(
             "LoRA on the original", None, s, r.eval(f"lora-original-s{s}", base, eval_f, r.train(f"lora-original-s{s}", base, train_f, eval_f, s)),
             train=work / f"lora-original-s{s}")))
-        for ratio in cfg.ratios if seed == first else cfg.ratios[:1]:
-            def emloc_rows(s=seed, q=ratio) -> list[dict[str, Any]]:
-                emu = r.build(f"emulator-{q}", base, train_f, q, cfg.samples)
-                ad = r.train(f"adapter-{q}-s{s}", str(emu), train_f, eval_f, s)
-                wc = r.correct(f"weighted-{q}-s{s}", ad, None, "weighted")
-                cor = r.correct(f"corrected-{q}-s{s}", ad, 3.0)
-                st = {"build": emu, "train": ad}
-                return [_row("EMLoC (weighted correction)", q, s, r.eval(f"weighted-{q}-s{s}", base, eval_f, wc), correct=wc, **st),
-                        _row("EMLoC (paper correction, L=3)", q, s, r.eval(f"corrected-{q}-s{s}", base, eval_f, cor), correct=cor, **st),
-                        _row("EMLoC uncorrected", q, s, r.eval(f"uncorrected-{q}-s{s}", base, eval_f, ad), build=emu, train=ad),
-                        _row("EMLoC adapter on the emulator", q, s, r.eval(f"on-emulator-{q}-s{s}", str(emu), eval_f, ad),
-                             build=emu, train=ad)]
-            jobs.append((f"emloc-{ratio}-s{seed}", emloc_rows))
-
-            def auto_row(s=seed, q=ratio) -> dict[str, Any]:
-                emu = r.build(f"emulator-{q}", base, train_f, q, cfg.samples)
-                ad = r.train(f"adapter-{q}-s{s}", str(emu), train_f, eval_f, s)
-                auto = r.correct(f"auto-{q}-s{s}", ad, 3.0, "auto")
-                m = read_manifest(auto) or {}
-                chosen = m.get("mode", "?")
-                # auto's output is one of the three candidates; reuse that candidate's evaluation when
-                # its tensors are identical (they are, given the same draw), else evaluate it
-                twin = {"none": (f"uncorrected-{q}-s{s}", ad), "weighted": (f"weighted-{q}-s{s}", work / f"weighted-{q}-s{s}"),
-                        "paper": (f"corrected-{q}-s{s}", work / f"corrected-{q}-s{s}")}.get(chosen)
-                name, folder = twin if twin and _same_tensors(auto, twin[1]) else (f"auto-{q}-s{s}", auto)
-                row = _row("EMLoC (auto correction, the default)", q, s, r.eval(name, base, eval_f, folder),
-                           build=emu, train=ad, correct=auto)
-                row.update(chosen=chosen, selection=m.get("selection"))
-                return row
-            jobs.append((f"auto-{ratio}-s{seed}", auto_row))
+        for method in cfg.methods:
+            for ratio in cfg.ratios if seed == first else cfg.ratios[:cfg.seeded_ratios]:
+                if reachable(base, method, ratio):
+                    jobs += _emloc_jobs(r, method, ratio, seed, base, train_f, eval_f)
+        if cfg.qlora:
+            jobs.append((f"qlora-s{seed}", lambda s=seed: _qlora_rows(r, s, s == first, base, train_f, eval_f)))
+    if cfg.checkpointing:
+        jobs.append((f"lora-original-checkpointing-s{first}", lambda: _row(
+            "LoRA on the original, gradient checkpointing", None, first, r.eval(
+                f"lora-original-checkpointing-s{first}", base, eval_f,
+                r.train(f"lora-original-checkpointing-s{first}", base, train_f, eval_f, first, "--gradient-checkpointing")),
+            train=work / f"lora-original-checkpointing-s{first}")))
     for ratio in cfg.ratios[:1] if cfg.baselines else ():
         for method, label in BASELINES.items():
             def baseline(q=ratio, method=method, label=label) -> dict[str, Any]:
@@ -308,8 +312,13 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
             got = got if isinstance(got, list) else [got]
             write_json(f, got)
         rows += got
-    qlora = "not run: bitsandbytes 4-bit needs a CUDA GPU" if r.cfg.device == "cpu" or not _cuda() else "not implemented in this version"
-    skipped = {**NOT_RUN, "QLoRA (4-bit base)": qlora}
+    skipped = dict(NOT_RUN)
+    if not cfg.qlora:
+        skipped["QLoRA (NF4 base)"] = "not in this preset (see the budget presets)"
+    for method in cfg.methods:
+        for q in cfg.ratios:
+            if not reachable(base, method, q):
+                skipped[f"EMLoC {method} at {q}"] = "this method cannot build an emulator at this ratio's bytes"
     if not cfg.baselines:
         skipped["Offsite-style and pruning emulators"] = "not in this preset (see the qwen and small presets)"
     if skipped_rows:
@@ -325,6 +334,70 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     return report
 
 
+def reachable(base: str, method: str, ratio: float) -> bool:
+    """Whether `method` can build an emulator of `base` at `ratio` of its bytes (svd+quant needs room beyond NF4)."""
+    from .emulator import layer_plan
+    from .models import load_config
+
+    text = load_config(Path(base))
+    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    try:
+        layer_plan(text.hidden_size, text.hidden_size, ratio, method)
+    except EmlocError:
+        return False
+    return True
+
+
+def _emloc_jobs(r: _Runner, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[tuple[str, Any]]:
+    """The EMLoC rows of one emulator method, ratio and seed: each correction, uncorrected, on the emulator; auto."""
+    work = r.work
+    tag = "" if method == "svd" else method.replace("+", "-") + "-"  # svd keeps its names: earlier benches resume
+    label = "EMLoC" if method == "svd" else f"EMLoC {method}"
+    flags = () if method == "svd" else ("--method", method)
+
+    def emulator() -> Path:
+        return r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
+
+    def adapter() -> Path:
+        return r.train(f"adapter-{tag}{q}-s{s}", str(emulator()), train_f, eval_f, s)
+
+    def rows() -> list[dict[str, Any]]:
+        emu, ad = emulator(), adapter()
+        wc = r.correct(f"weighted-{tag}{q}-s{s}", ad, None, "weighted")
+        cor = r.correct(f"corrected-{tag}{q}-s{s}", ad, 3.0)
+        st = {"build": emu, "train": ad}
+        return [_row(f"{label} (weighted correction)", q, s, r.eval(f"weighted-{tag}{q}-s{s}", base, eval_f, wc), correct=wc, **st),
+                _row(f"{label} (paper correction, L=3)", q, s, r.eval(f"corrected-{tag}{q}-s{s}", base, eval_f, cor), correct=cor, **st),
+                _row(f"{label} uncorrected", q, s, r.eval(f"uncorrected-{tag}{q}-s{s}", base, eval_f, ad), **st),
+                _row(f"{label} adapter on the emulator", q, s, r.eval(f"on-emulator-{tag}{q}-s{s}", str(emu), eval_f, ad), **st)]
+
+    def auto_row() -> dict[str, Any]:
+        emu, ad = emulator(), adapter()
+        auto = r.correct(f"auto-{tag}{q}-s{s}", ad, 3.0, "auto")
+        m = read_manifest(auto) or {}
+        chosen = m.get("mode", "?")
+        # auto's output is one of the three candidates; reuse that candidate's evaluation when
+        # its tensors are identical (they are, given the same draw), else evaluate it
+        twin = {"none": (f"uncorrected-{tag}{q}-s{s}", ad), "weighted": (f"weighted-{tag}{q}-s{s}", work / f"weighted-{tag}{q}-s{s}"),
+                "paper": (f"corrected-{tag}{q}-s{s}", work / f"corrected-{tag}{q}-s{s}")}.get(chosen)
+        name, folder = twin if twin and _same_tensors(auto, twin[1]) else (f"auto-{tag}{q}-s{s}", auto)
+        row = _row(f"{label} (auto correction, the default)", q, s, r.eval(name, base, eval_f, folder),
+                   build=emu, train=ad, correct=auto)
+        row.update(chosen=chosen, selection=m.get("selection"))
+        return row
+    return [(f"emloc-{tag}{q}-s{s}", rows), (f"auto-{tag}{q}-s{s}", auto_row)]
+
+
+def _qlora_rows(r: _Runner, s: int, on_nf4: bool, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
+    """QLoRA: LoRA trained on an NF4 copy of the base (bitsandbytes), on the original; and on the NF4 copy."""
+    ad = r.train(f"qlora-s{s}", base, train_f, eval_f, s, "--quantize", "nf4")
+    rows = [_row("QLoRA (NF4 base), on the original", None, s, r.eval(f"qlora-s{s}", base, eval_f, ad), train=ad)]
+    if on_nf4:
+        rows.append(_row("QLoRA (NF4 base), on the NF4 model", None, s,
+                         r.eval(f"qlora-nf4-s{s}", base, eval_f, ad, "--quantize", "nf4"), train=ad))
+    return rows
+
+
 def job_priority(name: str, cfg: BenchConfig) -> int:
     """Order of a bench job (lower runs first; ties keep their order).
 
@@ -337,7 +410,7 @@ def job_priority(name: str, cfg: BenchConfig) -> int:
         return 1
     if name == "smaller":
         return 0
-    if name.startswith(("zero-shot", "lora-original", "emloc-", "auto-")):
+    if name.startswith(("zero-shot", "lora-original-s", "emloc-", "auto-", "qlora-")):
         return 0 if name.endswith(f"-s{first}") else 1
     return 2 if name.startswith(tuple(BASELINES)) else 3
 
@@ -375,12 +448,6 @@ def _same_tensors(a: Path, b: Path) -> bool:
         return False
     x, y = load_file(fa), load_file(fb)
     return x.keys() == y.keys() and all(x[k].shape == y[k].shape and bool((x[k] == y[k]).all()) for k in x)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _recovered(rows: list[dict[str, Any]]) -> None:
@@ -423,8 +490,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"base: {Path(report['base']).name}, task: {report['task']}, versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"machine: {report.get('machine', '?')}; dtype of the frozen weights: {_cfg(report).get('dtype', 'auto')}", "",
-             "| method | ratio | seed | held-out NLL | recovered | exact match | trained params | train peak RSS (MB) | s/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | ratio | bytes | seed | held-out NLL | recovered | exact match | trained params | train peak RSS (MB) | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in report["rows"]:
         rec = f"{x['recovered']:.0%}" if x.get("recovered") is not None else "-"
         em = f"{x['exact_match']:.3f}" if x.get("exact_match") is not None else "-"
@@ -432,7 +499,8 @@ def format_report(report: dict[str, Any]) -> str:
         mem = f"{x['train_peak_rss_mb']:.0f}" if x.get("train_peak_rss_mb") else "-"
         sps = f"{x['seconds_per_step']:.2f}" if x.get("seconds_per_step") else "-"
         method = x["method"] + (f" → {x['chosen']}" if x.get("chosen") else "")
-        lines.append(f"| {method} | {x['ratio'] if x['ratio'] is not None else '-'} | {x['seed']} | {x['nll']:.4f} | {rec} | "
+        nbytes = f"{x['bytes_fraction']:.3f}" if x.get("bytes_fraction") is not None else "-"
+        lines.append(f"| {method} | {x['ratio'] if x['ratio'] is not None else '-'} | {nbytes} | {x['seed']} | {x['nll']:.4f} | {rec} | "
                      f"{em} | {tp} | {mem} | {sps} |")
     spread = seed_spread(report["rows"])
     if spread:

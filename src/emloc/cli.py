@@ -211,7 +211,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--base", required=True, help="model folder or packaged model name (e.g. smollm2-135m)")
     b.add_argument("--data", required=True, help="JSONL downstream data for calibration")
     b.add_argument("--output", required=True, help="emulator folder to create")
-    b.add_argument("--ratio", default="0.5", help="fraction of each layer's parameters to keep, in (0, 1] (default: 0.5)")
+    b.add_argument("--ratio", default="0.5", help="fraction of each layer's bytes to keep (counted in bfloat16; for svd: of its parameters), in (0, 1] (default: 0.5)")
     b.add_argument("--ratio-table", help="JSON/YAML list of [regex, ratio|skip] rules, first match wins")
     b.add_argument("--budget", help="memory budget (e.g. 24GB): pick the largest ratio whose every stage fits, "
                    "as `emloc plan` predicts; overrides --ratio")
@@ -253,7 +253,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(pl, PlanConfig, skip=("ratios", "budget", "host_budget"))
 
     bn = verb("bench", cmd_bench, "run the side-by-side comparisons (each stage in its own process) and write a report")
-    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen or bigger-in-budget (default: smoke)")
+    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen, bigger-in-budget, budget or budget-qwen (default: smoke)")
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
     bn.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (finished rows are reused)")
@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         _return_freed_memory()
     ns.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="emloc: %(levelname)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns of an optional kernel package on every import
     logging.captureWarnings(False)
     _quiet_libraries()
     try:

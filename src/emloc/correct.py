@@ -181,29 +181,34 @@ class ProjectedStatistics:
     """Accumulates E G A^T = sum (E x)(A x)^T (m x r) and A G A^T (r x r) of one layer, batch by batch.
 
     E x = W x - W_e x is the original layer's (bias-free) output minus the emulator layer's, so
-    neither E nor G is ever formed: per batch of t tokens, t (k (m + n) + r n) multiply-adds.
+    neither E nor G is ever formed: per batch of t tokens, t r n multiply-adds plus one emulator
+    layer's product (t k (m + n) for a low-rank layer).
 
     Args:
-        a: lora_A (r x n); up, down: the emulator's factors (m x k, k x n), all in the statistics dtype
-        on the compute device.
+        a: lora_A (r x n), in the statistics dtype on the compute device.
+        emulator: the emulator's layer (`LowRankLinear` or `QuantLinear`, anything with `linear_map`),
+            on the same device.
     """
 
-    def __init__(self, a: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.a, self.up, self.down = a, up, down
-        self.egat = torch.zeros(up.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
+    def __init__(self, a: torch.Tensor, emulator: torch.nn.Module) -> None:
+        self.a, self.emulator = a, emulator
+        m = emulator.out_features
+        self.egat = torch.zeros(m, a.shape[0], dtype=a.dtype, device=a.device)
         self.agat = torch.zeros(a.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         ax = x @ self.a.T  # t x r
-        ex = y - (x @ self.down.T) @ self.up.T  # t x m
+        ex = y - self.emulator.linear_map(x)  # t x m
         self.egat += ex.T @ ax
         self.agat += ax.T @ ax
 
 
 def _emulator_weight(store: WeightStore, module: str, layer: dict[str, Any] | None, dtype: torch.dtype) -> torch.Tensor:
+    from .emulator import load_layer
+
     if layer is None or layer.get("rank") is None:
         return store.get(f"{module}.weight").to(dtype)
-    return store.get(f"{module}.up").to(dtype) @ store.get(f"{module}.down").to(dtype)
+    return load_layer(store, module, layer, torch.device("cpu"), dtype).dense_weight(dtype)
 
 
 def _lora_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -248,6 +253,7 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     from transformers import AutoTokenizer
 
     from .data import calibration_ids
+    from .emulator import load_layer
     from .models import parse_device, parse_dtype, parse_stats_dtype
     from .selection import calibration_file
     from .stream import StreamedModel
@@ -276,8 +282,7 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
                               last=last, desc="calibration statistics"):
         mine = sorted(m for m in wanted if m.startswith(step.prefix))
         acc = {m: ProjectedStatistics(tensors[f"base_model.model.{m}.lora_A.weight"].to(device=device, dtype=sd),
-                                      emu_store.get(f"{m}.up").to(device=device, dtype=sd),
-                                      emu_store.get(f"{m}.down").to(device=device, dtype=sd)) for m in mine}
+                                      load_layer(emu_store, m, layers[m], device, sd)) for m in mine}
         emu_store.release()
         step.run({m[len(step.prefix):]: (acc[m],) for m in mine})
         for m in mine:

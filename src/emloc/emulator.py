@@ -34,12 +34,16 @@ from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_
                       rank_for_ratio, saves_parameters)
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, materialize,
                      parse_device, parse_dtype, parse_stats_dtype, resolve_model)
+from .quant import (BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn,
+                    weighted_error)
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
 
 log = logging.getLogger("emloc")
 
 SKIP = None  # a ratio rule whose ratio is SKIP keeps matching layers dense
 ALLOCATIONS = ("uniform", "energy")
+QUANT_METHODS = ("quant", "svd+quant")
+METHODS = ("svd", *QUANT_METHODS, "layer-drop", "channel-prune")
 
 
 @dataclass
@@ -64,8 +68,14 @@ class EmulatorConfig:
         dtype: dtype of the forward passes and of the stored emulator (auto: bf16 on CUDA, fp32 on CPU).
         stats_dtype: dtype of the statistics and the decompositions (float64 or float32).
         batch_tokens: padded tokens per calibration forward (records are batched by length).
-        method: `svd` (EMLoC's activation-aware SVD) or a baseline of the same size for comparison:
+        method: `svd` (EMLoC's activation-aware SVD), `quant` (weight-only quantisation, see
+            emloc.quant), `svd+quant` (NF4 plus a whitened low-rank term fitted to the quantisation
+            residual with the bytes left over), or a baseline of the same size for comparison:
             `layer-drop` (Offsite-Tuning style) or `channel-prune` (LoRAM style); see emloc.baselines.
+            For every method `ratio` is the fraction of the block weights' bytes kept, counted
+            against bfloat16 (for `svd`: the fraction of parameters, as stored in the base's dtype).
+        quant_format: `auto` (int8 from ratio 0.5, else nf4), `int8` or `nf4` (methods quant and svd+quant).
+        rounding: `gptq` (error feedback through the calibration Gram) or `rtn` (round to nearest).
         allocation: `uniform` (every compressed layer keeps `ratio` of its parameters) or `energy`
             (each block keeps the same parameter count as uniform, but its layers' ranks are chosen
             from their whitened spectra to minimise the block's summed relative output error; see
@@ -87,6 +97,8 @@ class EmulatorConfig:
     batch_tokens: int = BATCH_TOKENS
     method: str = "svd"
     allocation: str = "uniform"
+    quant_format: str = "auto"
+    rounding: str = "gptq"
 
 
 def _rules(ratio: float | list[tuple[str, float | None]]) -> list[tuple[re.Pattern, float | None]]:
@@ -148,8 +160,34 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def layer_plan(m: int, n: int, ratio: float | None, method: str = "svd", quant_format: str = "auto") -> dict[str, Any]:
+    """How one (m x n) layer is compressed at `ratio` of its bytes: its manifest entry before the build.
+
+    `rank` is None for a layer kept dense; `kind` is `lowrank` or `quant`; `bytes` counts the
+    stored layer with its float tensors in bfloat16 (the base's bytes at the same count: 2 m n).
+    """
+    entry: dict[str, Any] = {"out_features": m, "in_features": n, "ratio": ratio, "rank": None, "kind": "dense",
+                             "bytes": BASE_BYTES * m * n}
+    if ratio is None or ratio >= 1:  # ratio 1 keeps the layer (the formulas would still truncate it)
+        return entry
+    if method in QUANT_METHODS:
+        fmt = format_for(ratio, quant_format) if method == "quant" else FORMATS["nf4" if quant_format == "auto" else quant_format]
+        k = 0
+        if method == "svd+quant":  # the bytes left after the quantised weight buy a bfloat16 low-rank term
+            k = int((ratio * BASE_BYTES * m * n - fmt.nbytes(m, n)) // (BASE_BYTES * (m + n)))
+            if k < 1:
+                raise EmlocError(f"ratio {ratio} leaves no bytes for a low-rank term beside {fmt.name} "
+                                 f"({fmt.nbytes(m, n) / (BASE_BYTES * m * n):.3f} of a {m}x{n} layer); raise --ratio or use --method quant")
+        return {**entry, "kind": "quant", "format": fmt.name, "rank": k,
+                "bytes": fmt.nbytes(m, n) + BASE_BYTES * k * (m + n)}
+    k = rank_for_ratio(m, n, ratio)
+    if not saves_parameters(m, n, k):
+        return entry
+    return {**entry, "kind": "lowrank", "rank": k, "bytes": BASE_BYTES * k * (m + n)}
+
+
 def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | None]],
-                 targets: re.Pattern | None) -> dict[str, dict[str, Any]]:
+                 targets: re.Pattern | None, cfg: EmulatorConfig) -> dict[str, dict[str, Any]]:
     """Which layers get which rank; decided before any weight is read, so bad rules fail first."""
     plan: dict[str, dict[str, Any]] = {}
     used = [False] * len(rules)
@@ -163,12 +201,7 @@ def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | No
                 if pat.search(full):
                     used[j], ratio = True, r
                     break
-            m, n = lin.out_features, lin.in_features
-            # ratio 1 keeps the layer as it is (the floor in the formula would otherwise still truncate)
-            k = rank_for_ratio(m, n, ratio) if ratio is not None and ratio < 1 else None
-            if k is not None and not saves_parameters(m, n, k):
-                k = None
-            plan[full] = {"out_features": m, "in_features": n, "ratio": ratio, "rank": k}
+            plan[full] = layer_plan(lin.out_features, lin.in_features, ratio, cfg.method, cfg.quant_format)
     if not plan:
         raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
     for (pat, _), hit in zip(rules, used):
@@ -239,6 +272,8 @@ def _compress_block(step: BlockPass, plan: dict[str, dict[str, Any]], store: Wei
                             "params_after": p["out_features"] * p["in_features"]}
     if not compressed:
         return layers
+    if cfg.method in QUANT_METHODS:
+        return {**layers, **_quantize_block(step, compressed, store, device, dtype, stats_dtype, cfg)}
     work: Iterable[tuple[str, Spectrum, torch.Tensor | None]] = _spectra(step, compressed, store, device, stats_dtype, cfg)
     ranks = {rel: p["rank"] for rel, p in compressed.items()}
     if cfg.allocation == "energy":  # every spectrum of the block is needed before the first rank is known
@@ -264,7 +299,44 @@ def _compress_block(step: BlockPass, plan: dict[str, dict[str, Any]], store: Wei
                 new.bias.copy_(lin.bias)
         _set_module(step.block, rel, new)
         m, n = p["out_features"], p["in_features"]
-        layers[step.prefix + rel] = {**p, "rank": k, "rel_error": fac.rel_error, "params_before": m * n, "params_after": k * (m + n)}
+        layers[step.prefix + rel] = {**p, "rank": k, "rel_error": fac.rel_error, "params_before": m * n, "params_after": k * (m + n),
+                                   "bytes": BASE_BYTES * k * (m + n)}
+    return layers
+
+
+def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
+                    dtype: torch.dtype, stats_dtype: torch.dtype, cfg: EmulatorConfig) -> dict[str, dict[str, Any]]:
+    """Replace the block's planned layers by `QuantLinear`s (GPTQ or RTN, plus the hybrid's residual term)."""
+    stats = step.run({rel: (INPUT_GRAM,) for rel in compressed})
+    eigs: list = []
+    layers: dict[str, dict[str, Any]] = {}
+    for rel, p in compressed.items():
+        gram = stats.pop(rel).input_gram
+        w = store.get(step.prefix + rel + ".weight").to(device=device, dtype=stats_dtype)
+        if not torch.isfinite(w).all():
+            raise EmlocError(f"non-finite weights in {step.prefix + rel}; the checkpoint is damaged")
+        fmt = FORMATS[p["format"]]
+        codes, scales = quantize_gptq(w, gram, fmt) if cfg.rounding == "gptq" else quantize_rtn(w, fmt)
+        lin = step.block.get_submodule(rel)
+        new = QuantLinear(lin.in_features, lin.out_features, fmt.name, p["rank"], lin.bias is not None, device=device, dtype=dtype)
+        with torch.no_grad():
+            new.qweight.copy_(pack(codes, fmt))
+            new.scales.copy_(scales)
+            if p["rank"]:  # the residual's whitened SVD: what the quantised weight misses, where the data looks
+                residual = w - new.quantized(stats_dtype)
+                fac = input_spectrum(residual, _shared_eigh(eigs, gram, cfg.eig_floor)).factors(p["rank"])
+                new.up.copy_(fac.up)
+                new.down.copy_(fac.down)
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        w_e = new.dense_weight(stats_dtype)
+        if not torch.isfinite(w_e).all():
+            raise EmlocError(f"the quantised weight of {step.prefix + rel} is not finite; check the base's weights")
+        _set_module(step.block, rel, new)
+        m, n = p["out_features"], p["in_features"]
+        layers[step.prefix + rel] = {**p, "rounding": cfg.rounding, "rel_error": weighted_error(w, w_e, gram),
+                                     "params_before": m * n, "params_after": m * n + p["rank"] * (m + n)}
+        del gram, w, w_e, codes, scales
     return layers
 
 
@@ -292,11 +364,19 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     if cfg.batch_tokens < 1:
         raise EmlocError(f"--batch-tokens must be at least 1 (got {cfg.batch_tokens})")
     stats_dtype = parse_stats_dtype(cfg.stats_dtype)  # settings fail before any I/O
+    if cfg.method not in METHODS:
+        raise EmlocError(f"unknown emulator method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if cfg.rounding not in ROUNDINGS:
+        raise EmlocError(f"unknown rounding {cfg.rounding!r}; use one of {', '.join(ROUNDINGS)}")
+    if cfg.quant_format != "auto" and cfg.quant_format not in FORMATS:
+        raise EmlocError(f"unknown quantisation format {cfg.quant_format!r}; use auto, {', '.join(FORMATS)}")
+    if cfg.method in QUANT_METHODS and (cfg.allocation != "uniform" or not cfg.whiten):
+        raise EmlocError(f"--allocation and --no-whiten apply to --method svd only, not {cfg.method}")
     base_dir = resolve_model(base)
     out_path = Path(output).expanduser().resolve()
     if out_path == base_dir:
         raise EmlocError("the emulator output folder is the base model folder; choose a new folder")
-    if cfg.method != "svd":
+    if cfg.method not in ("svd", *QUANT_METHODS):
         from .baselines import build_baseline
 
         if not Path(calibration).expanduser().is_file():
@@ -321,7 +401,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     stream = StreamedModel(base_dir)
     model, prefix = stream.model, stream.prefix
     total_params = sum(p.numel() for p in model.parameters())  # meta tensors know their size
-    plan = _plan_layers(stream, rules, targets)
+    plan = _plan_layers(stream, rules, targets, cfg)
     width = max((p["in_features"] for p in plan.values() if p["rank"] is not None), default=0)
     if n_tokens < width:
         log.warning("calibration holds %d tokens, fewer than the widest layer input (%d): the statistics are rank-deficient "
@@ -353,6 +433,8 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
 
         before = sum(v["params_before"] for v in layers.values())
         after = sum(v["params_after"] for v in layers.values())
+        dense_bytes = sum(BASE_BYTES * v["params_before"] for v in layers.values())
+        kept_bytes = sum(v["bytes"] for v in layers.values())
         manifest = {
             "kind": "emulator",
             "base": str(base_dir),
@@ -364,6 +446,9 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
                             "tokens": n_tokens, "widest_layer_input": width},
             "params": {"base": total_params, "emulator": total_params - before + after,
                        "compressed_layers_before": before, "compressed_layers_after": after},
+            # the block linears' bytes with float tensors counted in bfloat16 (what `ratio` means)
+            "bytes": {"block_linears_bf16": dense_bytes, "emulator_block_linears": kept_bytes,
+                      "fraction": kept_bytes / max(dense_bytes, 1)},
             "layers": layers,
             "versions": versions(),
             "wall_seconds": round(watch.seconds, 1),
@@ -372,6 +457,25 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         write_json(tmp / MANIFEST, manifest)
     print(watch.summary("build", out_path))
     return out_path
+
+
+def emulator_layer(entry: dict[str, Any], bias: bool, device: torch.device | str | None,
+                   dtype: torch.dtype | None) -> nn.Linear:
+    """An empty layer of the kind a compressed layer's manifest `entry` describes (LowRankLinear or QuantLinear)."""
+    if entry.get("kind") == "quant":
+        return QuantLinear(entry["in_features"], entry["out_features"], entry["format"], entry["rank"], bias,
+                           device=device, dtype=dtype)
+    return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias, device=device, dtype=dtype)
+
+
+def load_layer(store: WeightStore, name: str, entry: dict[str, Any], device: torch.device,
+               dtype: torch.dtype) -> nn.Linear:
+    """One compressed layer `name` of an emulator folder, read alone (floats in `dtype`; codes as stored)."""
+    layer = emulator_layer(entry, f"{name}.bias" in store, device, dtype)
+    with torch.no_grad():
+        for key, t in layer.state_dict().items():
+            t.copy_(store.get(f"{name}.{key}"))
+    return layer
 
 
 def is_emulator(folder: str | Path) -> bool:
@@ -398,13 +502,15 @@ def load_emulator(path: str | Path, device: str = "auto", dtype: str = "auto") -
     dt = parse_dtype(dtype, dev)
     config = load_config(folder)
     model = empty_model(config)
+    store = WeightStore(folder)
     for name, layer in manifest["layers"].items():
-        if layer["rank"] is None:
-            continue
-        old = model.get_submodule(name)
-        _set_module(model, name, LowRankLinear(layer["in_features"], layer["out_features"], layer["rank"],
-                                               old.bias is not None, device="meta"))
-    materialize(model, "", WeightStore(folder), dev, dt)
+        if layer["rank"] is not None:
+            _set_module(model, name, emulator_layer(layer, model.get_submodule(name).bias is not None, "meta", None))
+    materialize(model, "", store, dev, dt)
+    for name, mod in model.named_modules():  # codes and scales are buffers, loaded as stored
+        if isinstance(mod, QuantLinear):
+            for key in ("qweight", "scales"):
+                mod._buffers[key] = store.get(f"{name}.{key}").to(dev)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]

@@ -31,6 +31,7 @@ class EvalConfig:
         seed: seed of the draw.
         device: auto, cpu, cuda.
         dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.
+        quantize: `none`, or `nf4` to evaluate a 4-bit copy of a model folder (as QLoRA trains on).
     """
 
     samples: int | None = None
@@ -41,6 +42,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"
 
 
 def normalize(text: str) -> str:
@@ -51,13 +53,13 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def load_for_eval(model: str | Path, adapter: str | Path | None, device: str, dtype: str):
+def load_for_eval(model: str | Path, adapter: str | Path | None, device: str, dtype: str, quantize: str = "none"):
     """The model (base, packaged name or emulator), with `adapter` applied through plain PEFT."""
     from peft import PeftModel
 
     from .train import load_model
 
-    net = load_model(model, device, dtype)
+    net = load_model(model, device, dtype, quantize)
     if adapter is not None:
         a = Path(adapter).expanduser()
         if not (a / "adapter_config.json").is_file():
@@ -86,7 +88,7 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
 
     cfg = config or EvalConfig()
     watch = Stopwatch()
-    net = load_for_eval(model, adapter, cfg.device, cfg.dtype)
+    net = load_for_eval(model, adapter, cfg.device, cfg.dtype, cfg.quantize)
     device = next(net.parameters()).device
     tok = AutoTokenizer.from_pretrained(_model_dir(net))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -265,9 +265,14 @@ class LowRankLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up, self.bias)
 
-    def dense_weight(self) -> torch.Tensor:
-        """W_e = up @ down (m x n)."""
-        return self.up @ self.down
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_e = up @ down (m x n), in `dtype` (default: the factors')."""
+        dt = dtype or self.up.dtype
+        return self.up.to(dt) @ self.down.to(dt)
+
+    def linear_map(self, x: torch.Tensor) -> torch.Tensor:
+        """W_e x without the bias, in x's dtype (x: ... x n)."""
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

@@ -69,6 +69,7 @@ class TrainConfig:
         resume: continue from the checkpoint next to the output folder, if there is one.
         device: auto, cpu, cuda (ignored under `accelerate launch`, which decides).
         dtype: dtype of the frozen weights (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32.
+        quantize: `none`, or `nf4` to train on a 4-bit copy of a model folder (QLoRA, with bitsandbytes).
     """
 
     rank: int = 8
@@ -95,19 +96,47 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> nn.Module:
-    """Load an emulator folder, a model folder or a packaged model name as a causal LM."""
+QUANTIZE = ("none", "nf4")
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> nn.Module:
+    """Load an emulator folder, a model folder or a packaged model name as a causal LM.
+
+    `quantize="nf4"` loads a model folder as QLoRA does: every linear but the output head in bitsandbytes' 4-bit
+    NormalFloat (blocks of 64, no double quantisation), computing in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
 
     from .emulator import is_emulator, load_emulator
 
+    if quantize not in QUANTIZE:
+        raise EmlocError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
     if Path(str(path)).expanduser().is_dir() and is_emulator(Path(str(path)).expanduser()):
+        if quantize != "none":
+            raise EmlocError("--quantize applies to a model folder, not to an emulator (build one with --method quant)")
         return load_emulator(path, device, dtype)
     folder = resolve_model(path)
     dev = parse_device(device)
+    if quantize == "nf4":
+        return _load_nf4(folder, dev, parse_dtype(dtype, dev))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype, dev)).to(dev)
+    model.eval()
+    return model
+
+
+def _load_nf4(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise EmlocError("--quantize nf4 needs bitsandbytes; pip install 'emloc[qlora]'") from None
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype, device_map={"": str(device)})
     model.eval()
     return model
 
@@ -198,7 +227,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
 
     model_path = Path(str(model)).expanduser()
     device = accelerator.device
-    net = load_model(model, device=str(device), dtype=cfg.dtype)
+    net = load_model(model, device=str(device), dtype=cfg.dtype, quantize=cfg.quantize)
     source = read_manifest(model_path) if model_path.is_dir() else None
     model_dir = Path(net.name_or_path)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,282 @@
+"""Weight-only quantised emulators: formats, round-to-nearest and GPTQ rounding, and the layer that trains through them.
+
+A quantised weight is a code per entry into a fixed codebook of levels in [-1, 1], times a scale per
+group of consecutive inputs of one output row (the group's absolute maximum, stored in float16):
+
+- `int8`: 255 uniform levels (codes 0..254), one scale per output row: 8 bits + 16 / n per weight.
+- `nf4`: the 16 NormalFloat levels of QLoRA, one scale per 64 inputs, two codes per byte:
+  4.25 bits per weight, 26.6% of bfloat16.
+
+`gptq` rounding (Frantar et al., 2022) quantises the columns of W one at a time and spreads each
+column's rounding error over the columns not yet quantised, weighted by the inverse of the input
+Gram G the build already collects, which minimises the layer's output error on the calibration
+data instead of the weight error; `rtn` rounds every entry to its nearest level.
+
+`QuantLinear` holds only the codes and scales (plus, for the `svd+quant` hybrid, a low-rank term
+fitted to the quantisation residual in the same whitened metric as EMLoC's SVD): training memory is
+the packed bytes. The dense weight is rebuilt for one layer at a time inside a custom autograd
+function that keeps only the codes for the backward pass, so activations never hold a dense copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EmlocError
+
+# The NormalFloat-4 levels (quantiles of a standard normal, scaled to [-1, 1]; Dettmers et al., 2023).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+ROUNDINGS = ("gptq", "rtn")
+GPTQ_DAMP = 0.01  # added to the Gram's diagonal, as a fraction of its mean, before GPTQ's Cholesky
+SCALE_BYTES = 2  # float16 scales
+BASE_BYTES = 2  # byte fractions are counted against the block weights in bfloat16
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """A codebook and its grouping.
+
+    Attributes:
+        name: `int8` or `nf4`.
+        bits: bits per code (8 or 4; 4-bit codes are packed two per byte).
+        group: inputs per scale, or None for one scale per output row.
+    """
+
+    name: str
+    bits: int
+    group: int | None
+
+    def levels(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """The codebook, ascending (255 or 16 levels in [-1, 1])."""
+        if self.name == "int8":
+            return torch.arange(-127, 128, dtype=dtype, device=device) / 127
+        return torch.tensor(NF4_LEVELS, dtype=dtype, device=device)
+
+    def groups(self, n: int) -> int:
+        return 1 if self.group is None else math.ceil(n / self.group)
+
+    def nbytes(self, m: int, n: int) -> int:
+        """Bytes of an m x n weight in this format: packed codes plus float16 scales."""
+        return m * math.ceil(n * self.bits / 8) + m * self.groups(n) * SCALE_BYTES
+
+
+FORMATS = {"int8": QuantFormat("int8", 8, None), "nf4": QuantFormat("nf4", 4, 64)}
+
+
+def format_for(ratio: float, name: str = "auto") -> QuantFormat:
+    """The format of `name`, or (auto) the widest one a byte `ratio` of bfloat16 pays for: int8 from 0.5, nf4 from 0.25."""
+    if name != "auto":
+        if name not in FORMATS:
+            raise EmlocError(f"unknown quantisation format {name!r}; use auto, {', '.join(FORMATS)}")
+        return FORMATS[name]
+    if ratio >= 0.5:
+        return FORMATS["int8"]
+    if ratio >= 0.25:
+        return FORMATS["nf4"]
+    raise EmlocError(f"ratio {ratio} is below what 4-bit quantisation keeps (0.25 of the bfloat16 bytes); "
+                     "use --method svd for smaller emulators")
+
+
+def _nearest(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level for every entry of `v` (levels ascending)."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(v.contiguous(), mids.to(v.dtype))
+
+
+def _scale(block: torch.Tensor) -> torch.Tensor:
+    """Per-row absolute maximum of `block` (rows x inputs), rounded to float16 as it will be stored."""
+    s = block.abs().amax(dim=1).clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
+    return s.clamp(max=torch.finfo(torch.float16).max).to(block.dtype)
+
+
+def quantize_rtn(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round every entry of `w` (m x n) to its nearest level. Returns (codes (m x n, int64), scales (m x groups, fp16))."""
+    m, n = w.shape
+    g = fmt.group or n
+    levels = fmt.levels(w.dtype, w.device)
+    codes = torch.empty(m, n, dtype=torch.long, device=w.device)
+    scales = torch.empty(m, fmt.groups(n), dtype=w.dtype, device=w.device)
+    for j, start in enumerate(range(0, n, g)):
+        blk = w[:, start:start + g]
+        s = _scale(blk)
+        scales[:, j] = s
+        codes[:, start:start + g] = _nearest(blk / s[:, None], levels)
+    return codes, scales.to(torch.float16)
+
+
+def quantize_gptq(w: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, damp: float = GPTQ_DAMP,
+                  block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ: quantise `w` (m x n) column by column, feeding each column's error forward through G^-1.
+
+    Args:
+        w: weight (m x n), any float dtype (computed in `gram`'s dtype).
+        gram: G (n x n), the Gram of the layer's inputs on the calibration data.
+        fmt: the target format; a group's scale is taken from its (already error-corrected) columns
+            when the first of them is reached, as in the reference implementation.
+        damp: Tikhonov damping as a fraction of mean(diag G).
+        block: columns per lazy batch (a multiple of the group).
+
+    Returns:
+        (codes (m x n, int64), scales (m x groups, float16)).
+    """
+    m, n = w.shape
+    W = w.to(gram.dtype).clone()
+    H = gram.clone()
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0  # inputs never seen: their weights cannot matter on this data
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * torch.diagonal(H).mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    del H
+    g = fmt.group or n
+    block = max(block // g, 1) * g if fmt.group else block
+    levels = fmt.levels(W.dtype, W.device)
+    codes = torch.empty(m, n, dtype=torch.long, device=W.device)
+    scales = torch.empty(m, fmt.groups(n), dtype=W.dtype, device=W.device)
+    row_scale = _scale(W) if fmt.group is None else None
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err = torch.zeros_like(W1)
+        s = row_scale
+        for i in range(i2 - i1):
+            col = i1 + i
+            if fmt.group is not None and col % g == 0:
+                s = _scale(W1[:, i:i + g])
+                scales[:, col // g] = s
+            c = _nearest(W1[:, i] / s, levels)
+            codes[:, col] = c
+            e = (W1[:, i] - levels[c] * s) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            err[:, i] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    if row_scale is not None:
+        scales[:, 0] = row_scale
+    return codes, scales.to(torch.float16)
+
+
+def pack(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Codes (m x n, 0 <= code < 2^bits) as stored: uint8, two 4-bit codes per byte (low nibble first)."""
+    c = codes.to(torch.uint8)
+    if fmt.bits == 8:
+        return c
+    if c.shape[1] % 2:
+        c = F.pad(c, (0, 1))
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor, fmt: QuantFormat, n: int) -> torch.Tensor:
+    """Inverse of `pack`: codes (m x n, int64)."""
+    if fmt.bits == 8:
+        return packed.long()
+    lo, hi = packed & 15, packed >> 4
+    return torch.stack((lo, hi), dim=2).reshape(packed.shape[0], -1)[:, :n].long()
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight (m x n) in `dtype` from packed codes and float16 scales."""
+    w = fmt.levels(dtype, packed.device)[unpack(packed, fmt, n)]
+    g = fmt.group or n
+    return w * scales.to(dtype).repeat_interleave(g, dim=1)[:, :n]
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = M x for a frozen layer M whose dense weight is rebuilt on demand, in forward and in backward.
+
+    Autograd would otherwise keep the dequantised weight of every layer alive until the backward
+    pass, which is the dense model again; here only the input's gradient is computed, from the codes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer.linear_map(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.layer.transposed_map(grad), None
+
+
+class QuantLinear(nn.Linear):
+    """A frozen linear layer stored quantised: y = Q x + up (down x) + bias.
+
+    Q is the dequantised weight (codes in `qweight`, float16 `scales`); `up` (m x k) and `down` (k x n)
+    are the optional low-rank term of the `svd+quant` hybrid (k = 0: none). Like `LowRankLinear` it is
+    an `nn.Linear` for PEFT's sake; `weight` is the `scales` buffer, which only answers device
+    questions (its dtype is float16, so PEFT keeps the LoRA weights in their own dtype).
+
+    Args:
+        in_features: n.
+        out_features: m.
+        fmt: the format's name (see `FORMATS`).
+        rank: k of the low-rank term (0 for none).
+        bias: whether the layer has a bias (kept from the original layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, rank: int = 0, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        nn.Module.__init__(self)  # no dense weight
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.fmt = FORMATS[fmt]
+        cols = math.ceil(in_features * self.fmt.bits / 8)
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, self.fmt.groups(in_features), dtype=torch.float16, device=device))
+        kw = {"device": device, "dtype": dtype}
+        self.up = nn.Parameter(torch.empty(out_features, rank, **kw), requires_grad=False) if rank else None
+        self.down = nn.Parameter(torch.empty(rank, in_features, **kw), requires_grad=False) if rank else None
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **kw)) if bias else None)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.scales
+
+    def reset_parameters(self) -> None:  # nn.Linear API; the layer is always loaded, never initialised
+        pass
+
+    def quantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """Q (m x n) in `dtype`."""
+        return dequantize(self.qweight, self.scales, self.fmt, self.in_features, dtype)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_e = Q + up @ down (m x n)."""
+        w = self.quantized(dtype)
+        return w + self.up.to(dtype) @ self.down.to(dtype) if self.rank else w
+
+    def linear_map(self, x: torch.Tensor) -> torch.Tensor:
+        """W_e x without the bias, in x's dtype (x: ... x n)."""
+        y = F.linear(x, self.quantized(x.dtype))
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return y
+
+    def transposed_map(self, g: torch.Tensor) -> torch.Tensor:
+        """W_e^T g (g: ... x m)."""
+        y = g @ self.quantized(g.dtype)
+        if self.rank:
+            y = y + (g @ self.up.to(g.dtype)) @ self.down.to(g.dtype)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _FrozenLinear.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.linear_map(x)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def weighted_error(w: torch.Tensor, w_e: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr(E G E^T) / tr(W G W^T), E = W - W_e: the relative output error on the calibration data."""
+    d = (w - w_e).to(gram.dtype)
+    wg = w.to(gram.dtype)
+    num = torch.einsum("ij,jk,ik->", d, gram, d)
+    den = torch.einsum("ij,jk,ik->", wg, gram, wg)
+    return float(num / den.clamp(min=torch.finfo(gram.dtype).tiny))
