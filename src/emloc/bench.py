@@ -61,6 +61,7 @@ class BenchConfig:
             the original and on the NF4 copy), seeded like the main rows.
         checkpointing: add the row of LoRA on the original with gradient checkpointing (and the
             chunked loss every row uses), for its training peak.
+        auto_correction: add the row of `emloc correct --mode auto` (the default) per EMLoC emulator.
         smaller: a smaller model of the same family to train with LoRA, or None. With it, the
             comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
             before LoRA on the original, which is over the budget by design.
@@ -95,6 +96,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("svd",)
     qlora: bool = False
     checkpointing: bool = False
+    auto_correction: bool = True
     smaller: str | None = None
     stats_dtype: str = "float64"
     dtype: str = "auto"
@@ -121,10 +123,10 @@ PRESETS: dict[str, BenchConfig] = {
                                     sequential=False, other_calibration=None),
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
-    "budget": BenchConfig(ratios=(0.5, 0.25), steps=100, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("svd", "quant", "svd+quant"),
+    "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("svd", "quant", "svd+quant"),
                           seeded_ratios=2, qlora=True, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
-    "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5, 0.25), steps=100, seeds=(0,), eval_samples=64, dtype="bfloat16",
+    "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0,), eval_samples=64, dtype="bfloat16",
                                methods=("svd", "quant", "svd+quant"), qlora=True, checkpointing=True, clamps=(),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
@@ -385,7 +387,7 @@ def _emloc_jobs(r: _Runner, method: str, q: float, s: int, base: str, train_f: s
                    build=emu, train=ad, correct=auto)
         row.update(chosen=chosen, selection=m.get("selection"))
         return row
-    return [(f"emloc-{tag}{q}-s{s}", rows), (f"auto-{tag}{q}-s{s}", auto_row)]
+    return [(f"emloc-{tag}{q}-s{s}", rows)] + ([(f"auto-{tag}{q}-s{s}", auto_row)] if r.cfg.auto_correction else [])
 
 
 def _qlora_rows(r: _Runner, s: int, on_nf4: bool, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
