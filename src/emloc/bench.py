@@ -123,11 +123,11 @@ PRESETS: dict[str, BenchConfig] = {
                                     sequential=False, other_calibration=None),
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
-    "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("svd", "quant", "svd+quant"),
+    "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
                           seeded_ratios=2, qlora=True, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0,), eval_samples=64, dtype="bfloat16",
-                               methods=("svd", "quant", "svd+quant"), qlora=True, checkpointing=True, clamps=(),
+                               methods=("quant", "svd", "svd+quant"), qlora=True, checkpointing=True, clamps=(),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
 }
@@ -244,12 +244,12 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         jobs.append((f"lora-original-s{seed}", lambda s=seed: _row(
             "LoRA on the original", None, s, r.eval(f"lora-original-s{s}", base, eval_f, r.train(f"lora-original-s{s}", base, train_f, eval_f, s)),
             train=work / f"lora-original-s{s}")))
+        if cfg.qlora:
+            jobs.append((f"qlora-s{seed}", lambda s=seed: _qlora_rows(r, s, s == first, base, train_f, eval_f)))
         for method in cfg.methods:
             for ratio in cfg.ratios if seed == first else cfg.ratios[:cfg.seeded_ratios]:
                 if reachable(base, method, ratio):
                     jobs += _emloc_jobs(r, method, ratio, seed, base, train_f, eval_f)
-        if cfg.qlora:
-            jobs.append((f"qlora-s{seed}", lambda s=seed: _qlora_rows(r, s, s == first, base, train_f, eval_f)))
     if cfg.checkpointing:
         jobs.append((f"lora-original-checkpointing-s{first}", lambda: _row(
             "LoRA on the original, gradient checkpointing", None, first, r.eval(
