@@ -103,7 +103,7 @@ def test_recommendation_extremes(big_shape):
 
 def test_format_plan(big_shape):
     text = format_plan(predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32")))
-    assert "| ratio | params | build | train |" in text
+    assert "| ratio | params | weights | build | train |" in text
     assert text.count("\n| ") == len(DEFAULT_RATIOS) + 1  # header separator excluded, header + rows
     assert " GB |" in text and "recommended ratio" in text
     assert "| yes |" in text and "| no |" in text
@@ -265,3 +265,22 @@ def test_merge_holds_the_largest_tensor_once(big_shape):
     small = model_shape(_tiny_config())
     assert merge_chunk_bytes(small, 4) == max(small.largest_tensor * 4,
                                               2 * min(MAX_SHARD_BYTES, (small.total_params - small.nonblock_params) * 4))
+
+
+def test_quantised_methods_count_their_stored_bytes(tiny_base):
+    """quant at 0.5 stores int8 codes (+ float16 row scales): its weights sit between an SVD emulator at
+    0.5 and the original; ratios below NF4 are dropped for quant, below NF4 + a residual for svd+quant."""
+    from emloc.emulator import layer_plan
+    from emloc.plan import emulator_weight_bytes, model_shape
+
+    shape = model_shape(tiny_base)
+    svd = predict(tiny_base, PlanConfig(device="cpu", dtype="bf16", ratios=(1.0, 0.5, 0.25, 0.1)))
+    quant = predict(tiny_base, PlanConfig(device="cpu", dtype="bf16", method="quant", ratios=(1.0, 0.5, 0.25, 0.1)))
+    assert sorted(quant.training) == [0.25, 0.5, 1.0]
+    block = sum(layer_plan(m, n, 0.5, "quant")["bytes"] - 2 * m * n for _, m, n in shape.linears)
+    assert emulator_weight_bytes(shape, 0.5, "quant", 2) == shape.total_params * 2 + block
+    assert quant.training[0.5].parts["weights"] == emulator_weight_bytes(shape, 0.5, "quant", 2)
+    assert quant.training[0.5].parts["dequantized layer"] == max(m * n for _, m, n in shape.linears) * 2
+    assert svd.training[0.5].parts["weights"] < quant.training[0.5].parts["weights"] < svd.training[1.0].parts["weights"]
+    with pytest.raises(EmlocError, match="method"):
+        predict(tiny_base, PlanConfig(method="prune"))

@@ -20,7 +20,7 @@ measured here, so treat them as approximations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,8 @@ class PlanConfig:
         correction: the `emloc correct` mode: auto (the default: weighted's streaming, then the
             original scores the candidates at inference cost), weighted (streams the original's
             blocks over the calibration records for its statistics), paper or none (no statistics).
+        method: the emulator method (`emloc build --method`): svd, quant or svd+quant; a ratio is the
+            fraction of the block linears' bytes, and ratios a quantised method cannot reach are dropped.
         vocab_used: distinct token ids in the data (None: assume every row of the vocabulary is read,
             the safe default). Only used on cpu for an untied input embedding stored in the compute
             dtype; see `unread_embedding_bytes`.
@@ -100,6 +102,7 @@ class PlanConfig:
     host_budget: int | None = None
     correction: str = "auto"
     vocab_used: int | None = None
+    method: str = "svd"
 
 
 @dataclass
@@ -372,6 +375,22 @@ def emulator_params(shape: ModelShape, ratio: float) -> int:
     return shape.total_params - saved
 
 
+def emulator_weight_bytes(shape: ModelShape, ratio: float, method: str, w: int) -> int:
+    """Bytes of the emulator's weights with floats in `w` bytes: codes and float16 scales as stored
+    (`emloc.quant`), factors and the layers kept dense in the compute dtype."""
+    from .emulator import layer_plan
+    from .quant import BASE_BYTES
+
+    if method == "svd":
+        return emulator_params(shape, ratio) * w
+    total = shape.total_params * w
+    for _, m, n in shape.linears:
+        e = layer_plan(m, n, ratio, method)
+        if e["rank"] is not None:  # layer_plan counts floats at 2 bytes: recount the factors at w
+            total += e["bytes"] - BASE_BYTES * e["rank"] * (m + n) + w * e["rank"] * (m + n) - m * n * w
+    return total
+
+
 def block_activation_bytes(shape: ModelShape, w: int, rank: int) -> int:
     """Bytes one block saves for backward, per token, with LoRA on all its linears.
 
@@ -427,10 +446,12 @@ def _host_runtime(shape: ModelShape, cfg: PlanConfig, overhead: int, tokenizer: 
 
 
 def _training(shape: ModelShape, cfg: PlanConfig, params: int, lora: int, overhead: int, stage: str,
-              stored_in_compute_dtype: bool) -> Estimate:
+              stored_in_compute_dtype: bool, weight_bytes: int | None = None, dequantized: int = 0) -> Estimate:
     """LoRA training peak: weights + LoRA state + saved activations + the backward's working set + runtime.
 
-    - frozen weights: params x w, less the embedding rows never read (`unread_embedding_bytes`).
+    - frozen weights: params x w (or `weight_bytes` for a quantised emulator), less the embedding
+      rows never read (`unread_embedding_bytes`); a quantised emulator also rebuilds one layer's
+      dense weight at a time (`dequantized`: the largest layer's m n x w).
     - LoRA: params, fp32 grads and AdamW's two fp32 moments: lora x 16 bytes.
     - saved activations, with checkpointing: the input of every block, L x BT x d x w; without:
       every block's A, L x BT x A (A = `block_activation_bytes`).
@@ -456,7 +477,8 @@ def _training(shape: ModelShape, cfg: PlanConfig, params: int, lora: int, overhe
     ckpt = cfg.gradient_checkpointing
     saved = shape.layers * tokens * shape.hidden * w if ckpt else shape.layers * act
     block = 2 * act if ckpt else act
-    parts = {"weights": params * w, "unread embedding rows": -unread_embedding_bytes(shape, cfg, stored_in_compute_dtype),
+    parts = {"weights": params * w if weight_bytes is None else weight_bytes, "dequantized layer": dequantized,
+             "unread embedding rows": -unread_embedding_bytes(shape, cfg, stored_in_compute_dtype),
              "lora+grads+adam": lora * 16, "saved activations": saved}
     if cfg.loss_chunk is None or shape.full_logits:
         parts |= {"block backward": block, "logits+loss": tokens * shape.vocab * (w + 12)}
@@ -702,6 +724,17 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
         raise EmlocError(f"unknown stats dtype {cfg.stats_dtype!r}; use float64 or float32")
     if not cfg.ratios or any(not (0 < r <= 1) for r in cfg.ratios):
         raise EmlocError(f"ratios {cfg.ratios!r} must be fractions in (0, 1]")
+    if cfg.method not in ("svd", "quant", "svd+quant"):
+        raise EmlocError(f"unknown method {cfg.method!r}; emloc plan knows svd, quant and svd+quant")
+    if cfg.method != "svd":  # below its smallest format a quantised emulator does not exist: drop those candidates
+        from .emulator import layer_plan
+
+        def reachable(r: float) -> bool:
+            try:
+                return r >= 1 or bool(layer_plan(4096, 4096, r, cfg.method))
+            except EmlocError:
+                return False
+        cfg = replace(cfg, ratios=tuple(r for r in cfg.ratios if reachable(r)) or (1.0,))
     if min(cfg.batch, cfg.seq_len, cfg.rank, cfg.calibration_samples, cfg.calibration_len, cfg.loss_chunk or 1) < 1:
         raise EmlocError("batch, seq_len, rank, loss_chunk and the calibration sizes must be at least 1")
     shape = model if isinstance(model, ModelShape) else model_shape(model)
@@ -711,7 +744,12 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
     original_stored = shape.checkpoint_bytes == _dtype_bytes(cfg.dtype)
     lora_training = _training(shape, cfg, shape.total_params, lora, overhead, "train", original_stored)
     # an emulator's weights are written in the compute dtype of its build, assumed to be cfg.dtype
-    training = {r: _training(shape, cfg, emulator_params(shape, r), lora, overhead, "train", r < 1 or original_stored)
+    quantised = cfg.method != "svd"
+    largest = max(m * n for _, m, n in shape.linears) * _dtype_bytes(cfg.dtype)
+    training = {r: _training(shape, cfg, emulator_params(shape, r) if not quantised or r >= 1 else shape.total_params, lora,
+                             overhead, "train", r < 1 or original_stored,
+                             emulator_weight_bytes(shape, r, cfg.method, _dtype_bytes(cfg.dtype)) if r < 1 else None,
+                             largest if quantised and r < 1 else 0)
                 for r in ratios}
     correct, merge = _correct(shape, cfg, lora, min(ratios)), _merge(shape, cfg, lora)
     return Plan(config=cfg, shape=shape, overhead=overhead, lora_params=lora, inference=_inference(shape, cfg, overhead),
@@ -724,21 +762,21 @@ def format_plan(plan: Plan) -> str:
     """A markdown report: the original's inference and LoRA training, a table by ratio, the recommendation."""
     c = plan.config
     where = "GPU" if c.device == "cuda" else "CPU"
-    lines = [f"Memory plan: batch {c.batch} x {c.seq_len} tokens, {c.dtype}, LoRA r={c.rank}, "
+    lines = [f"Memory plan: {c.method} emulator, batch {c.batch} x {c.seq_len} tokens, {c.dtype}, LoRA r={c.rank}, "
              f"{'with' if c.gradient_checkpointing else 'no'} gradient checkpointing, {where} "
              f"(1 GB = 2^30 bytes; runtime overhead {gb(plan.overhead)} included)", "",
              f"- inference of the original: {gb(plan.inference.total)}",
              f"- LoRA training on the original: {gb(plan.lora_training.total)}",
              f"- LoRA parameters: {plan.lora_params:,}", "",
-             "| ratio | params | build | train | correct (CPU) | merge (CPU) | fits |",
-             "|---:|---:|---:|---:|---:|---:|:---:|"]
+             "| ratio | params | weights | build | train | correct (CPU) | merge (CPU) | fits |",
+             "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in sorted(plan.training, reverse=True):
         t = plan.training[r]
         build = gb(plan.build[r].total) if r < 1 else "-"
         correct = gb(plan.correct.total) if r < 1 else "-"
         fits = "?" if c.budget is None else ("no" if plan.shortfall(r) else "yes")
         size = f"{t.params / 1e9:.2f} B" if (t.params or 0) >= 1e9 else f"{(t.params or 0) / 1e6:.1f} M"
-        lines.append(f"| {r:g} | {size} | {build} | {gb(t.total)} | {correct} | {gb(plan.merge.total)} | {fits} |")
+        lines.append(f"| {r:g} | {size} | {gb(t.parts['weights'])} | {build} | {gb(t.total)} | {correct} | {gb(plan.merge.total)} | {fits} |")
     rec = plan.recommend()
     lines += ["", rec.message]
     return "\n".join(lines)
