@@ -47,6 +47,7 @@ class BenchConfig:
         seeds: seeds of the main rows (LoRA on the original, QLoRA, EMLoC at the first `seeded_ratios`
             ratios); other ratios, the baselines and the ablations use the first seed.
         seeded_ratios: how many of `ratios` get every seed.
+        seeded_methods: the emulator methods that get every seed (empty: all of `methods`).
         clamps: clamp values for the clamp ablation (None = no clamp).
         calibration_sizes: calibration sizes for the calibration ablation.
         plain_svd: add the plain (non-whitened) SVD ablation.
@@ -86,6 +87,7 @@ class BenchConfig:
     eval_samples: int | None = None
     seeds: tuple[int, ...] = (0,)
     seeded_ratios: int = 1
+    seeded_methods: tuple[str, ...] = ()
     clamps: tuple[float | None, ...] = (1.0, 10.0, None)
     calibration_sizes: tuple[int, ...] = (8, 16, 256)
     plain_svd: bool = True
@@ -124,7 +126,7 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=2, qlora=True, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=2, seeded_methods=("quant",), qlora=True, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0,), eval_samples=64, dtype="bfloat16",
                                methods=("quant", "svd", "svd+quant"), qlora=True, checkpointing=True, clamps=(),
@@ -247,7 +249,8 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         if cfg.qlora:
             jobs.append((f"qlora-s{seed}", lambda s=seed: _qlora_rows(r, s, s == first, base, train_f, eval_f)))
         for method in cfg.methods:
-            for ratio in cfg.ratios if seed == first else cfg.ratios[:cfg.seeded_ratios]:
+            repeated = not cfg.seeded_methods or method in cfg.seeded_methods
+            for ratio in cfg.ratios if seed == first else (cfg.ratios[:cfg.seeded_ratios] if repeated else ()):
                 if reachable(base, method, ratio):
                     jobs += _emloc_jobs(r, method, ratio, seed, base, train_f, eval_f)
     if cfg.checkpointing:
