@@ -163,7 +163,8 @@ def cmd_run(ns: argparse.Namespace) -> None:
     from .train import TrainConfig
 
     d = RunConfig()
-    emu = dataclasses.replace(d.emulator, ratio=_ratio(ns), samples=ns.samples, seed=ns.seed, device=ns.device, dtype=ns.dtype)
+    emu = dataclasses.replace(d.emulator, ratio=_ratio(ns), method=ns.method, samples=ns.samples, seed=ns.seed, device=ns.device,
+                              dtype=ns.dtype)
     tr = dataclasses.replace(d.train, steps=ns.steps, rank=ns.rank, alpha=ns.alpha, lr=ns.lr, batch_size=ns.batch_size,
                              micro_batch_size=ns.micro_batch_size, seed=ns.seed, device=ns.device, dtype=ns.dtype,
                              gradient_checkpointing=ns.gradient_checkpointing)
@@ -274,7 +275,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="JSONL training data (default: the embedded --task)")
     r.add_argument("--eval-data", help="JSONL held-out data")
     r.add_argument("--output", default="emloc-run", help="run folder (default: ./emloc-run)")
-    r.add_argument("--ratio", default="0.5", help="fraction of each layer's parameters to keep (default: 0.5)")
+    d_emu = RunConfig().emulator
+    r.add_argument("--ratio", default="0.5", help="fraction of each layer's bytes to keep (default: 0.5)")
+    r.add_argument("--method", default=d_emu.method, help=f"emulator: svd, quant or svd+quant (default: {d_emu.method})")
     r.add_argument("--ratio-table", help="JSON/YAML list of [regex, ratio|skip] rules")
     r.add_argument("--samples", type=int, default=64, help="calibration records (default: 64)")
     r.add_argument("--steps", type=int, default=d_tr.steps, help=f"training steps (default: {d_tr.steps})")
