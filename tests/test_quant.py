@@ -163,3 +163,17 @@ def test_qlora_trains_on_nf4_and_its_adapter_loads_on_the_original(wide_base, ti
     with pytest.raises(EmlocError, match="not to an emulator"):
         emu = build_emulator(wide_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=4, device="cpu"))
         train_adapter(emu, tiny_data, tmp_path / "x", TrainConfig(steps=1, device="cpu", quantize="nf4"))
+
+
+def test_refining_the_last_blocks_keeps_the_others_and_starts_from_the_adapter(tiny_base, tiny_data, tiny_adapter, tmp_path):
+    """--init-adapter + --last-blocks: the LoRA of earlier blocks is the initial adapter's, bit for bit; the last block's moves."""
+    out = train_adapter(tiny_base, tiny_data, tmp_path / "refined", TrainConfig(steps=2, batch_size=4, lr=5e-2, device="cpu",
+                                                                                init_adapter=str(tiny_adapter), last_blocks=1,
+                                                                                eval_samples=4))
+    before, after = load_file(tiny_adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(".layers.1." in k for k in moved)
+    assert json.loads((out / "manifest.json").read_text())["trainable_params"] == sum(v.numel() for k, v in before.items() if ".layers.1." in k)
+    with pytest.raises(EmlocError, match="last-blocks"):
+        train_adapter(tiny_base, tiny_data, tmp_path / "x", TrainConfig(steps=1, device="cpu", last_blocks=3))

@@ -63,6 +63,10 @@ class BenchConfig:
         checkpointing: add the row of LoRA on the original with gradient checkpointing (and the
             chunked loss every row uses), for its training peak.
         auto_correction: add the row of `emloc correct --mode auto` (the default) per EMLoC emulator.
+        refine_blocks: K > 0 adds the top-K refinement rows (first seed): each EMLoC adapter
+            (weighted correction) trained further on the original for steps / 2 steps, only the LoRA
+            of the last K blocks, with exact gradients; and the control, LoRA on the original's last
+            K blocks alone from scratch for the same steps.
         smaller: a smaller model of the same family to train with LoRA, or None. With it, the
             comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
             before LoRA on the original, which is over the budget by design.
@@ -99,6 +103,7 @@ class BenchConfig:
     qlora: bool = False
     checkpointing: bool = False
     auto_correction: bool = True
+    refine_blocks: int = 0
     smaller: str | None = None
     stats_dtype: str = "float64"
     dtype: str = "auto"
@@ -126,10 +131,10 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=2, seeded_methods=("quant",), qlora=True, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=2, seeded_methods=("quant",), qlora=True, refine_blocks=4, checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0,), eval_samples=64, dtype="bfloat16",
-                               methods=("quant", "svd", "svd+quant"), qlora=True, checkpointing=True, clamps=(),
+                               methods=("quant", "svd", "svd+quant"), qlora=True, refine_blocks=4, checkpointing=True, clamps=(),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
 }
@@ -253,6 +258,16 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
             for ratio in cfg.ratios if seed == first else (cfg.ratios[:cfg.seeded_ratios] if repeated else ()):
                 if reachable(base, method, ratio):
                     jobs += _emloc_jobs(r, method, ratio, seed, base, train_f, eval_f)
+    if cfg.refine_blocks:
+        k, steps = str(cfg.refine_blocks), str(max(1, cfg.steps // 2))
+        for method in cfg.methods:
+            for ratio in cfg.ratios:
+                if reachable(base, method, ratio):
+                    jobs.append((f"refine-{method}-{ratio}", lambda m=method, q=ratio: _refine_row(r, m, q, first, base, train_f, eval_f)))
+        jobs.append(("refine-control", lambda: _row(
+            f"control: LoRA on the original's last {k} blocks only, {steps} steps", None, first, r.eval(
+                "refine-control", base, eval_f, r.train("refine-control", base, train_f, eval_f, first, "--last-blocks", k, "--steps", steps)),
+            train=work / "refine-control")))
     if cfg.checkpointing:
         jobs.append((f"lora-original-checkpointing-s{first}", lambda: _row(
             "LoRA on the original, gradient checkpointing", None, first, r.eval(
@@ -393,6 +408,19 @@ def _emloc_jobs(r: _Runner, method: str, q: float, s: int, base: str, train_f: s
     return [(f"emloc-{tag}{q}-s{s}", rows)] + ([(f"auto-{tag}{q}-s{s}", auto_row)] if r.cfg.auto_correction else [])
 
 
+def _refine_row(r: _Runner, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> dict[str, Any]:
+    """Remedy: the EMLoC adapter (weighted correction) refined on the original, LoRA of the last K blocks only."""
+    tag = "" if method == "svd" else method.replace("+", "-") + "-"
+    label = "EMLoC" if method == "svd" else f"EMLoC {method}"
+    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *(() if method == "svd" else ("--method", method)))
+    wc = r.correct(f"weighted-{tag}{q}-s{s}", r.train(f"adapter-{tag}{q}-s{s}", str(emu), train_f, eval_f, s), None, "weighted")
+    k, steps = str(r.cfg.refine_blocks), str(max(1, r.cfg.steps // 2))
+    out = r.train(f"refine-{tag}{q}-s{s}", base, train_f, eval_f, s, "--init-adapter", str(wc), "--last-blocks", k, "--steps", steps)
+    row = _row(f"remedy: {label} (weighted) + last-{k}-block refinement on the original, {steps} steps", q, s,
+               r.eval(f"refine-{tag}{q}-s{s}", base, eval_f, out), build=emu, train=out)
+    return row
+
+
 def _qlora_rows(r: _Runner, s: int, on_nf4: bool, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
     """QLoRA: LoRA trained on an NF4 copy of the base (bitsandbytes), on the original; and on the NF4 copy."""
     ad = r.train(f"qlora-s{s}", base, train_f, eval_f, s, "--quantize", "nf4")
@@ -417,7 +445,7 @@ def job_priority(name: str, cfg: BenchConfig) -> int:
         return 0
     if name.startswith(("zero-shot", "lora-original-s", "emloc-", "auto-", "qlora-")):
         return 0 if name.endswith(f"-s{first}") else 1
-    return 2 if name.startswith(tuple(BASELINES)) else 3
+    return 2 if name.startswith((*BASELINES, "refine-")) else 3
 
 
 def machine() -> str:

@@ -70,6 +70,11 @@ class TrainConfig:
         device: auto, cpu, cuda (ignored under `accelerate launch`, which decides).
         dtype: dtype of the frozen weights (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32.
         quantize: `none`, or `nf4` to train on a 4-bit copy of a model folder (QLoRA, with bitsandbytes).
+        init_adapter: start from this PEFT adapter's weights; its rank, alpha, rsLoRA and targets
+            replace `rank`, `alpha`, `rslora` and `targets`.
+        last_blocks: train only the LoRA of the last K blocks; the others keep their initial values
+            (with `init_adapter`: refine an adapter transferred from an emulator on the original,
+            with exact gradients; no activation of the earlier blocks is kept for the backward pass).
     """
 
     rank: int = 8
@@ -97,6 +102,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"
+    init_adapter: str | None = None
+    last_blocks: int | None = None
 
 
 QUANTIZE = ("none", "nf4")
@@ -153,6 +160,13 @@ def default_targets(model: nn.Module) -> str:
 def lora_config(model: nn.Module, cfg: TrainConfig):
     from peft import LoraConfig
 
+    if cfg.init_adapter:  # the adapter to start from decides the LoRA's shape
+        f = Path(cfg.init_adapter).expanduser() / "adapter_config.json"
+        if not f.is_file():
+            raise EmlocError(f"--init-adapter {cfg.init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        a = json.loads(f.read_text())
+        return LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=cfg.dropout, use_rslora=a.get("use_rslora", False),
+                          target_modules=a["target_modules"], bias="none", task_type="CAUSAL_LM")
     if cfg.rank < 1:
         raise EmlocError(f"--rank must be at least 1 (got {cfg.rank})")
     targets: Any = cfg.targets or default_targets(model)
@@ -160,6 +174,32 @@ def lora_config(model: nn.Module, cfg: TrainConfig):
         targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def _load_initial(peft_model: nn.Module, folder: Path) -> None:
+    """Set the LoRA weights from an adapter folder; every weight of the model's LoRA must be in it."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    f = folder / "adapter_model.safetensors"
+    if not f.is_file():
+        raise EmlocError(f"--init-adapter {folder} has no adapter_model.safetensors")
+    result = set_peft_model_state_dict(peft_model, load_file(f))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise EmlocError(f"--init-adapter {folder} lacks {missing[0]}; it was trained for another model")
+
+
+def _train_last_blocks(peft_model: nn.Module, k: int) -> None:
+    """Freeze the LoRA weights outside the last `k` blocks."""
+    name, blocks = find_blocks(peft_model.get_base_model())
+    if not 1 <= k <= len(blocks):
+        raise EmlocError(f"--last-blocks must be between 1 and the model's {len(blocks)} blocks (got {k})")
+    pat = re.compile(rf"{re.escape(name)}\.(\d+)\.")
+    for pname, p in peft_model.named_parameters():
+        hit = pat.search(pname)
+        if p.requires_grad and (hit is None or int(hit.group(1)) < len(blocks) - k):
+            p.requires_grad_(False)
 
 
 def answer_tokens(labels: torch.Tensor) -> int:
@@ -247,6 +287,10 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every process
     peft_model = get_peft_model(net, lora_config(net, cfg))
+    if cfg.init_adapter:
+        _load_initial(peft_model, Path(cfg.init_adapter).expanduser())
+    if cfg.last_blocks:
+        _train_last_blocks(peft_model, cfg.last_blocks)
     if cfg.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
