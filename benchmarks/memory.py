@@ -126,7 +126,7 @@ def main() -> None:
     for r in args.ratios:
         emu, ad, cor, mer = (work / f"{n}-{r}" for n in ("emulator", "adapter", "corrected", "merged"))
         if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
-            add("EMLoC build", r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--ratio", str(r),
+            add("EMLoC build", r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--method", "svd", "--ratio", str(r),
                                            "--samples", str(args.samples), "--max-length", str(args.seq_len + 8), "--overwrite",
                                            "--stats-dtype", args.stats_dtype, *dev])
         add("EMLoC train (emulator)", r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])

@@ -182,7 +182,7 @@ def compare(results: dict[str, dict], folder: Path) -> str:
     from emloc.plan import PlanConfig, predict
 
     def plan(ckpt: bool, chunk: int | None = None):
-        return predict(folder, PlanConfig(batch=BATCH, seq_len=SEQ, rank=RANK, dtype="fp32", device="cpu",
+        return predict(folder, PlanConfig(method="svd", batch=BATCH, seq_len=SEQ, rank=RANK, dtype="fp32", device="cpu",
                                           gradient_checkpointing=ckpt, ratios=(1.0, 0.5), loss_chunk=chunk))
 
     p, pc = plan(False), plan(True)

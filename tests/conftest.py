@@ -100,7 +100,7 @@ def tiny_emulator(tmp_path_factory, tiny_base, tiny_data) -> Path:
     from emloc import EmulatorConfig, build_emulator
 
     return build_emulator(tiny_base, tiny_data, tmp_path_factory.mktemp("emu") / "emulator",
-                          EmulatorConfig(ratio=0.5, samples=32, device="cpu"))
+                          EmulatorConfig(ratio=0.5, samples=32, device="cpu", method="svd"))
 
 
 @pytest.fixture(scope="session")

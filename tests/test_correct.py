@@ -127,7 +127,7 @@ def test_weighted_mode_needs_its_calibration_data(tiny_adapter, tmp_path):
 def test_weighted_on_a_sequential_emulator_warns(tiny_base, tiny_data, tmp_path, caplog):
     from emloc import EmulatorConfig, TrainConfig, build_emulator, train_adapter
 
-    emu = build_emulator(tiny_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=16, sequential=True, device="cpu"))
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=16, sequential=True, device="cpu", method="svd"))
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=1, batch_size=2, rank=4, device="cpu"))
     with caplog.at_level("WARNING", logger="emloc"):
         correct_adapter(ad, tmp_path / "paper", config=CorrectConfig(mode="paper", device="cpu"))

@@ -52,7 +52,7 @@ def test_ratio_table_first_match_wins_and_skip(tiny_base, tiny_data, tmp_path):
 
 
 def test_sequential_calibration_differs(tiny_base, tiny_data, tmp_path, tiny_emulator):
-    emu = build_emulator(tiny_base, tiny_data, tmp_path / "seq", EmulatorConfig(ratio=0.5, samples=32, sequential=True, device="cpu"))
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "seq", EmulatorConfig(ratio=0.5, samples=32, sequential=True, device="cpu", method="svd"))
     a = json.loads((emu / "manifest.json").read_text())["layers"]
     b = json.loads((tiny_emulator / "manifest.json").read_text())["layers"]
     assert a["model.layers.0.self_attn.q_proj"]["rel_error"] == pytest.approx(b["model.layers.0.self_attn.q_proj"]["rel_error"])
@@ -114,7 +114,7 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_data):
 def test_other_architectures_work_unchanged(family, tmp_path, tiny_data):
     """Build, train, correct on families the code never names."""
     base = make_model_dir(tmp_path / family, family)
-    emu = build_emulator(base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=16, device="cpu"))
+    emu = build_emulator(base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=16, device="cpu", method="svd"))
     layers = json.loads((emu / "manifest.json").read_text())["layers"]
     assert any(v["rank"] is not None for v in layers.values())
     model = load_emulator(emu, device="cpu")

@@ -37,7 +37,7 @@ def pipeline(smol, task, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smol")
     train, held = task
-    emu = build_emulator(smol, train, root / "emulator", EmulatorConfig(ratio=0.5, samples=16, max_length=128, device="cpu"))
+    emu = build_emulator(smol, train, root / "emulator", EmulatorConfig(ratio=0.5, samples=16, max_length=128, device="cpu", method="svd"))
     ad = train_adapter(emu, train, root / "adapter", TrainConfig(steps=3, batch_size=4, max_length=128, lr=1e-3,
                                                                  eval_every=0, eval_samples=8, device="cpu"))
     cor = correct_adapter(ad, root / "corrected", config=CorrectConfig(clamp=3.0))

@@ -48,7 +48,7 @@ def test_big_model_shape_from_config_alone(big_shape, tmp_path):
 
 
 def test_memory_orderings(big_shape):
-    plan = predict(big_shape, PlanConfig(budget=24 * GIB))
+    plan = predict(big_shape, PlanConfig(method="svd", budget=24 * GIB))
     ratios = sorted(plan.training)
     assert ratios == sorted(DEFAULT_RATIOS)
     totals = [plan.training[r].total for r in ratios]
@@ -59,11 +59,11 @@ def test_memory_orderings(big_shape):
     assert plan.lora_training.total > plan.inference.total
     assert 55 * GIB < plan.inference.total < 75 * GIB  # bf16 weights alone are ~61 GB
     # gradient checkpointing saves memory; fp32 costs more than bf16
-    no_ckpt = predict(big_shape, PlanConfig(gradient_checkpointing=False))
+    no_ckpt = predict(big_shape, PlanConfig(method="svd", gradient_checkpointing=False))
     assert no_ckpt.lora_training.total > plan.lora_training.total
-    assert predict(big_shape, PlanConfig(dtype="fp32")).inference.total > plan.inference.total
+    assert predict(big_shape, PlanConfig(method="svd", dtype="fp32")).inference.total > plan.inference.total
     # emloc's chunked answer loss vs full B x T x V logits (152k vocabulary: 2048 x 152064 x 14 bytes)
-    full = predict(big_shape, PlanConfig(loss_chunk=None)).lora_training
+    full = predict(big_shape, PlanConfig(method="svd", loss_chunk=None)).lora_training
     assert full.parts["logits+loss"] == 2048 * 152064 * 14 > plan.lora_training.parts["backward working set"]
 
 
@@ -71,7 +71,7 @@ def test_recommendation_is_largest_fitting_ratio(big_shape):
     # default (float64) statistics: the build keeps only the smaller Gram of each layer (5120 x 5120
     # for the 27648-wide down_proj, from its outputs), so an emulator fits where plain LoRA does not
     for stats in ("float64", "float32"):
-        plan = predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype=stats))
+        plan = predict(big_shape, PlanConfig(method="svd", budget=24 * GIB, stats_dtype=stats))
         rec = plan.recommend()
         assert rec.ratio is not None and rec.ratio < 1, stats
         assert rec.ratio == _best_by_brute_force(plan)
@@ -80,15 +80,15 @@ def test_recommendation_is_largest_fitting_ratio(big_shape):
         assert "train" in plan.shortfall(1.0)
         assert "inference of the original" in rec.message  # 61 GB of weights do not fit 24 GB
     # no n x n Gram of the MLP width anywhere in the build: far below the 27648^2 x 8 = 6.1 GB of one
-    build = predict(big_shape, PlanConfig()).build[0.5]
+    build = predict(big_shape, PlanConfig(method="svd")).build[0.5]
     assert build.parts["statistics + decomposition"] < 6 * GIB
     # a budget the build cannot meet is reported as the build's shortfall
-    small = predict(big_shape, PlanConfig(budget=8 * GIB)).recommend()
+    small = predict(big_shape, PlanConfig(method="svd", budget=8 * GIB)).recommend()
     assert small.ratio is None and "build" in small.over and "over" in small.message
 
 
 def test_recommendation_extremes(big_shape):
-    plan = predict(big_shape, PlanConfig())
+    plan = predict(big_shape, PlanConfig(method="svd"))
     assert plan.recommend().ratio is None and "no memory budget" in plan.recommend().message
     assert plan.recommend(budget=10_000 * GIB).ratio == 1.0
     tiny = plan.recommend(budget=GIB)
@@ -97,12 +97,12 @@ def test_recommendation_extremes(big_shape):
     # host stages are checked only when a host budget is given (cuda), always on cpu
     assert "merge" not in tiny.over
     assert "merge" in plan.recommend(budget=GIB, host_budget=GIB).over
-    cpu = predict(big_shape, PlanConfig(device="cpu", budget=GIB)).recommend()
+    cpu = predict(big_shape, PlanConfig(method="svd", device="cpu", budget=GIB)).recommend()
     assert "merge" in cpu.over and "correct" in cpu.over
 
 
 def test_format_plan(big_shape):
-    text = format_plan(predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32")))
+    text = format_plan(predict(big_shape, PlanConfig(method="svd", budget=24 * GIB, stats_dtype="float32")))
     assert "| ratio | params | weights | build | train |" in text
     assert text.count("\n| ") == len(DEFAULT_RATIOS) + 1  # header separator excluded, header + rows
     assert " GB |" in text and "recommended ratio" in text
@@ -139,7 +139,7 @@ def test_lora_params_match_peft():
     model = AutoModelForCausalLM.from_config(config)
     peft_model = get_peft_model(model, lora_config(model, TrainConfig(rank=4)))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert predict(config, PlanConfig(rank=4)).lora_params == trainable
+    assert predict(config, PlanConfig(method="svd", rank=4)).lora_params == trainable
 
 
 def test_emulator_counts_match_build_emulator_manifest(tiny_base, tmp_path):
@@ -148,9 +148,9 @@ def test_emulator_counts_match_build_emulator_manifest(tiny_base, tmp_path):
     from emloc import EmulatorConfig, build_emulator
 
     data = make_data(tmp_path / "calib.jsonl", 4)
-    emu = build_emulator(tiny_base, data, tmp_path / "emu", EmulatorConfig(ratio=0.3, samples=2, device="cpu"))
+    emu = build_emulator(tiny_base, data, tmp_path / "emu", EmulatorConfig(ratio=0.3, samples=2, device="cpu", method="svd"))
     manifest = json.loads((emu / "manifest.json").read_text())
-    plan = predict(tiny_base, PlanConfig(ratios=(1.0, 0.3)))
+    plan = predict(tiny_base, PlanConfig(method="svd", ratios=(1.0, 0.3)))
     assert plan.training_at(0.3).params == manifest["params"]["emulator"]
     assert plan.training_at(1.0).params == manifest["params"]["base"]
     assert plan.shape.shard_bytes == max(p.stat().st_size for p in tiny_base.glob("*.safetensors"))
@@ -158,10 +158,10 @@ def test_emulator_counts_match_build_emulator_manifest(tiny_base, tmp_path):
 
 def test_cpu_adds_process_overhead():
     config = _tiny_config()
-    cpu = predict(config, PlanConfig(device="cpu", dtype="fp32"))
+    cpu = predict(config, PlanConfig(method="svd", device="cpu", dtype="fp32"))
     assert cpu.overhead == CPU_OVERHEAD and cpu.inference.parts["runtime"] == CPU_OVERHEAD
     assert "allocator slack" in cpu.lora_training.parts
-    assert "allocator slack" not in predict(config, PlanConfig(dtype="fp32")).lora_training.parts
+    assert "allocator slack" not in predict(config, PlanConfig(method="svd", dtype="fp32")).lora_training.parts
 
 
 @pytest.mark.parametrize("text,expected", [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("24g", 24 * GIB),
@@ -176,7 +176,7 @@ def test_parse_size(text, expected):
                                       (dict(batch=0), "at least 1")])
 def test_bad_settings(kw, match):
     with pytest.raises(EmlocError, match=match):
-        predict(_tiny_config(), PlanConfig(**kw))
+        predict(_tiny_config(), PlanConfig(method="svd", **kw))
 
 
 def test_bad_inputs(tmp_path):
@@ -193,7 +193,7 @@ def test_logit_softcapping_families_use_full_logits():
                        num_key_value_heads=2, head_dim=8, vocab_size=100)
     shape = model_shape(cfg)
     assert shape.full_logits and not model_shape(_tiny_config()).full_logits
-    plan = predict(shape, PlanConfig(batch=2, seq_len=64))
+    plan = predict(shape, PlanConfig(method="svd", batch=2, seq_len=64))
     assert plan.lora_training.parts["logits+loss"] == 2 * 64 * 100 * (2 + 12)
 
 
@@ -208,8 +208,8 @@ def test_vocab_used_lowers_cpu_estimate_only_for_untied_mmapped_embeddings():
     untied, tied = model_shape(_small_qwen(False)), model_shape(_small_qwen(True))
     assert not untied.tied and tied.tied and untied.embedding_rows == 50_000
     base = dict(batch=2, seq_len=64, dtype="fp32", ratios=(1.0, 0.5))
-    every = predict(untied, PlanConfig(device="cpu", **base))
-    some = predict(untied, PlanConfig(device="cpu", vocab_used=100, **base))
+    every = predict(untied, PlanConfig(method="svd", device="cpu", **base))
+    some = predict(untied, PlanConfig(method="svd", device="cpu", vocab_used=100, **base))
     row = max(64 * 4, 64 * 2**10)  # each row read maps a 64 KiB fault-around window
     unread = 50_000 * 64 * 4 - 100 * row
     for a, b in [(every.inference, some.inference), (every.lora_training, some.lora_training),
@@ -220,21 +220,21 @@ def test_vocab_used_lowers_cpu_estimate_only_for_untied_mmapped_embeddings():
     # tied embeddings (the head reads every row), cuda, and a cast from another stored dtype: no change
     for shape, kw in [(tied, dict(device="cpu")), (untied, dict(device="cuda")),
                       (model_shape(_small_qwen(False, "bfloat16")), dict(device="cpu"))]:
-        a, b = predict(shape, PlanConfig(**kw, **base)), predict(shape, PlanConfig(vocab_used=100, **kw, **base))
+        a, b = predict(shape, PlanConfig(method="svd", **kw, **base)), predict(shape, PlanConfig(method="svd", vocab_used=100, **kw, **base))
         assert a.inference.total == b.inference.total and a.lora_training.total == b.lora_training.total
         assert a.build[0.5].total == b.build[0.5].total
     # ... except the emulator, which is always written in its build's compute dtype
     bf = model_shape(_small_qwen(False, "bfloat16"))
-    assert predict(bf, PlanConfig(device="cpu", vocab_used=100, **base)).training_at(0.5).total < \
-        predict(bf, PlanConfig(device="cpu", **base)).training_at(0.5).total
+    assert predict(bf, PlanConfig(method="svd", device="cpu", vocab_used=100, **base)).training_at(0.5).total < \
+        predict(bf, PlanConfig(method="svd", device="cpu", **base)).training_at(0.5).total
     # more ids than rows never adds memory
-    assert predict(untied, PlanConfig(device="cpu", vocab_used=10**6, **base)).inference.total == every.inference.total
+    assert predict(untied, PlanConfig(method="svd", device="cpu", vocab_used=10**6, **base)).inference.total == every.inference.total
 
 
 def test_big_model_on_gpu_ignores_vocab_used(big_shape):
     assert not big_shape.tied
-    a = predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32"))
-    b = predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32", vocab_used=1000))
+    a = predict(big_shape, PlanConfig(method="svd", budget=24 * GIB, stats_dtype="float32"))
+    b = predict(big_shape, PlanConfig(method="svd", budget=24 * GIB, stats_dtype="float32", vocab_used=1000))
     assert [e.total for e in a.stages(0.2)] == [e.total for e in b.stages(0.2)]
     assert a.recommend().ratio == b.recommend().ratio
 
@@ -242,17 +242,17 @@ def test_big_model_on_gpu_ignores_vocab_used(big_shape):
 def test_weighted_correction_streams_statistics():
     shape = model_shape(_small_qwen(False))
     cfg = dict(batch=2, seq_len=64, dtype="fp32", device="cpu", ratios=(1.0, 0.5))
-    weighted = predict(shape, PlanConfig(correction="weighted", **cfg)).correct
-    paper = predict(shape, PlanConfig(correction="paper", **cfg)).correct
+    weighted = predict(shape, PlanConfig(method="svd", correction="weighted", **cfg)).correct
+    paper = predict(shape, PlanConfig(method="svd", correction="paper", **cfg)).correct
     assert "factors + statistics" in weighted.parts and "tokenizer" in weighted.parts and "tokenizer" not in paper.parts
     assert weighted.total > paper.total
-    assert predict(shape, PlanConfig(correction="weighted", stats_dtype="float32", **cfg)).correct.total < weighted.total
+    assert predict(shape, PlanConfig(method="svd", correction="weighted", stats_dtype="float32", **cfg)).correct.total < weighted.total
     # auto also runs the original on the candidates: never below weighted, and it holds the original's weights
-    auto = predict(shape, PlanConfig(**cfg))
+    auto = predict(shape, PlanConfig(method="svd", **cfg))
     assert auto.correct.total >= weighted.total
     assert auto.correct.total >= shape.total_params * 4 - 64 * 2**20
     with pytest.raises(EmlocError, match="correction"):
-        predict(shape, PlanConfig(correction="exact"))
+        predict(shape, PlanConfig(method="svd", correction="exact"))
 
 
 def test_merge_holds_the_largest_tensor_once(big_shape):
@@ -274,7 +274,7 @@ def test_quantised_methods_count_their_stored_bytes(tiny_base):
     from emloc.plan import emulator_weight_bytes, model_shape
 
     shape = model_shape(tiny_base)
-    svd = predict(tiny_base, PlanConfig(device="cpu", dtype="bf16", ratios=(1.0, 0.5, 0.25, 0.1)))
+    svd = predict(tiny_base, PlanConfig(method="svd", device="cpu", dtype="bf16", ratios=(1.0, 0.5, 0.25, 0.1)))
     quant = predict(tiny_base, PlanConfig(device="cpu", dtype="bf16", method="quant", ratios=(1.0, 0.5, 0.25, 0.1)))
     assert sorted(quant.training) == [0.25, 0.5, 1.0]
     block = sum(layer_plan(m, n, 0.5, "quant")["bytes"] - 2 * m * n for _, m, n in shape.linears)

@@ -177,3 +177,16 @@ def test_refining_the_last_blocks_keeps_the_others_and_starts_from_the_adapter(t
     assert json.loads((out / "manifest.json").read_text())["trainable_params"] == sum(v.numel() for k, v in before.items() if ".layers.1." in k)
     with pytest.raises(EmlocError, match="last-blocks"):
         train_adapter(tiny_base, tiny_data, tmp_path / "x", TrainConfig(steps=1, device="cpu", last_blocks=3))
+
+
+def test_auto_method_is_quant_from_a_quarter_of_the_bytes_and_svd_below(tiny_base, tiny_data, tmp_path):
+    from emloc.emulator import resolve_method
+
+    assert resolve_method("auto", [0.5]) == "quant" and resolve_method("auto", [0.25, None, 1.0]) == "quant"
+    assert resolve_method("auto", [0.5, 0.2]) == "svd" and resolve_method("svd", [0.5]) == "svd"
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "q", EmulatorConfig(ratio=0.5, samples=4, device="cpu"))
+    assert json.loads((emu / "manifest.json").read_text())["config"]["method"] == "quant"
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "s", EmulatorConfig(ratio=0.2, samples=4, device="cpu"))
+    assert json.loads((emu / "manifest.json").read_text())["config"]["method"] == "svd"
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "e", EmulatorConfig(ratio=0.5, samples=4, device="cpu", allocation="energy"))
+    assert json.loads((emu / "manifest.json").read_text())["config"]["method"] == "svd"  # an SVD-only option asks for SVD

@@ -100,7 +100,7 @@ def test_build_and_correct_see_the_same_statistics(tiny_base, tiny_data, tmp_pat
             projected.update({self.prefix + rel: k for k in kinds if isinstance(k, ProjectedStatistics)})
         return stats
     monkeypatch.setattr(BlockPass, "run", spy)
-    emu = build_emulator(tiny_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=12, device="cpu", batch_tokens=48))
+    emu = build_emulator(tiny_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=12, device="cpu", batch_tokens=48, method="svd"))
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=1, batch_size=2, rank=2, device="cpu"))
     phase["now"] = "correct"
     correct_adapter(ad, tmp_path / "fixed", config=CorrectConfig(mode="weighted", device="cpu"))

@@ -161,6 +161,8 @@ class _Runner:
 
     def build(self, name: str, base: str, data: str, ratio: float, samples: int, *extra: str) -> Path:
         out = self.work / name
+        if "--method" not in extra:  # the paper's SVD unless a row asks for another method
+            extra = ("--method", "svd", *extra)
         if read_manifest(out) is None:
             self.cli("build", "--base", base, "--data", data, "--output", str(out), "--ratio", str(ratio), "--samples",
                      str(samples), "--max-length", str(self.cfg.max_length), "--stats-dtype", self.cfg.stats_dtype, "--overwrite",

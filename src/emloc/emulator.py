@@ -17,7 +17,7 @@ import logging
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,18 @@ log = logging.getLogger("emloc")
 SKIP = None  # a ratio rule whose ratio is SKIP keeps matching layers dense
 ALLOCATIONS = ("uniform", "energy")
 QUANT_METHODS = ("quant", "svd+quant")
-METHODS = ("svd", *QUANT_METHODS, "layer-drop", "channel-prune")
+METHODS = ("auto", "svd", *QUANT_METHODS, "layer-drop", "channel-prune")
+# `auto`: the method that recovered the most of full LoRA's gain on the original at the requested
+# bytes in the `budget` bench (docs/bench/budget-*.md): quant where int8 or NF4 fits, svd below
+AUTO_QUANT_FROM = 0.25
+
+
+def resolve_method(method: str, ratios: list[float | None]) -> str:
+    """`auto` -> `quant` when every compressed layer keeps at least 0.25 of its bytes, else `svd`."""
+    if method != "auto":
+        return method
+    kept = [r for r in ratios if r is not None and r < 1]
+    return "quant" if all(r >= AUTO_QUANT_FROM for r in kept) else "svd"
 
 
 @dataclass
@@ -68,7 +79,9 @@ class EmulatorConfig:
         dtype: dtype of the forward passes and of the stored emulator (auto: bf16 on CUDA, fp32 on CPU).
         stats_dtype: dtype of the statistics and the decompositions (float64 or float32).
         batch_tokens: padded tokens per calibration forward (records are batched by length).
-        method: `svd` (EMLoC's activation-aware SVD), `quant` (weight-only quantisation, see
+        method: `auto` (the default: `quant` when every ratio is at least 0.25, else `svd`; the
+            measured best, see the README's "The best adapter in your memory"),
+            `svd` (EMLoC's activation-aware SVD, the paper's), `quant` (weight-only quantisation, see
             emloc.quant), `svd+quant` (NF4 plus a whitened low-rank term fitted to the quantisation
             residual with the bytes left over), or a baseline of the same size for comparison:
             `layer-drop` (Offsite-Tuning style) or `channel-prune` (LoRAM style); see emloc.baselines.
@@ -95,7 +108,7 @@ class EmulatorConfig:
     dtype: str = "auto"
     stats_dtype: str = "float64"
     batch_tokens: int = BATCH_TOKENS
-    method: str = "svd"
+    method: str = "auto"
     allocation: str = "uniform"
     quant_format: str = "auto"
     rounding: str = "gptq"
@@ -370,6 +383,10 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         raise EmlocError(f"unknown rounding {cfg.rounding!r}; use one of {', '.join(ROUNDINGS)}")
     if cfg.quant_format != "auto" and cfg.quant_format not in FORMATS:
         raise EmlocError(f"unknown quantisation format {cfg.quant_format!r}; use auto, {', '.join(FORMATS)}")
+    if cfg.method == "auto":  # resolved once, so the manifest records what was built
+        cfg = replace(cfg, method=resolve_method("auto", [r for _, r in rules]))
+        if cfg.allocation != "uniform" or not cfg.whiten:
+            cfg = replace(cfg, method="svd")  # options that exist for SVD only ask for SVD
     if cfg.method in QUANT_METHODS and (cfg.allocation != "uniform" or not cfg.whiten):
         raise EmlocError(f"--allocation and --no-whiten apply to --method svd only, not {cfg.method}")
     base_dir = resolve_model(base)

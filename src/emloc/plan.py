@@ -80,8 +80,9 @@ class PlanConfig:
         correction: the `emloc correct` mode: auto (the default: weighted's streaming, then the
             original scores the candidates at inference cost), weighted (streams the original's
             blocks over the calibration records for its statistics), paper or none (no statistics).
-        method: the emulator method (`emloc build --method`): svd, quant or svd+quant; a ratio is the
-            fraction of the block linears' bytes, and ratios a quantised method cannot reach are dropped.
+        method: the emulator method (`emloc build --method`): auto (the default, as `emloc build`),
+            svd, quant or svd+quant; a ratio is the fraction of the block linears' bytes, and ratios a
+            quantised method cannot reach are dropped.
         vocab_used: distinct token ids in the data (None: assume every row of the vocabulary is read,
             the safe default). Only used on cpu for an untied input embedding stored in the compute
             dtype; see `unread_embedding_bytes`.
@@ -102,7 +103,7 @@ class PlanConfig:
     host_budget: int | None = None
     correction: str = "auto"
     vocab_used: int | None = None
-    method: str = "svd"
+    method: str = "auto"
 
 
 @dataclass
@@ -381,6 +382,9 @@ def emulator_weight_bytes(shape: ModelShape, ratio: float, method: str, w: int) 
     from .emulator import layer_plan
     from .quant import BASE_BYTES
 
+    from .emulator import resolve_method
+
+    method = resolve_method(method, [ratio])
     if method == "svd":
         return emulator_params(shape, ratio) * w
     total = shape.total_params * w
@@ -724,9 +728,9 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
         raise EmlocError(f"unknown stats dtype {cfg.stats_dtype!r}; use float64 or float32")
     if not cfg.ratios or any(not (0 < r <= 1) for r in cfg.ratios):
         raise EmlocError(f"ratios {cfg.ratios!r} must be fractions in (0, 1]")
-    if cfg.method not in ("svd", "quant", "svd+quant"):
-        raise EmlocError(f"unknown method {cfg.method!r}; emloc plan knows svd, quant and svd+quant")
-    if cfg.method != "svd":  # below its smallest format a quantised emulator does not exist: drop those candidates
+    if cfg.method not in ("auto", "svd", "quant", "svd+quant"):
+        raise EmlocError(f"unknown method {cfg.method!r}; emloc plan knows auto, svd, quant and svd+quant")
+    if cfg.method in ("quant", "svd+quant"):  # below its smallest format a quantised emulator does not exist
         from .emulator import layer_plan
 
         def reachable(r: float) -> bool:
@@ -744,13 +748,16 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
     original_stored = shape.checkpoint_bytes == _dtype_bytes(cfg.dtype)
     lora_training = _training(shape, cfg, shape.total_params, lora, overhead, "train", original_stored)
     # an emulator's weights are written in the compute dtype of its build, assumed to be cfg.dtype
-    quantised = cfg.method != "svd"
+    from .emulator import resolve_method
+
     largest = max(m * n for _, m, n in shape.linears) * _dtype_bytes(cfg.dtype)
-    training = {r: _training(shape, cfg, emulator_params(shape, r) if not quantised or r >= 1 else shape.total_params, lora,
-                             overhead, "train", r < 1 or original_stored,
-                             emulator_weight_bytes(shape, r, cfg.method, _dtype_bytes(cfg.dtype)) if r < 1 else None,
-                             largest if quantised and r < 1 else 0)
-                for r in ratios}
+    training = {}
+    for r in ratios:
+        quantised = r < 1 and resolve_method(cfg.method, [r]) != "svd"
+        training[r] = _training(shape, cfg, shape.total_params if quantised else emulator_params(shape, r), lora, overhead,
+                                "train", r < 1 or original_stored,
+                                emulator_weight_bytes(shape, r, cfg.method, _dtype_bytes(cfg.dtype)) if r < 1 else None,
+                                largest if quantised else 0)
     correct, merge = _correct(shape, cfg, lora, min(ratios)), _merge(shape, cfg, lora)
     return Plan(config=cfg, shape=shape, overhead=overhead, lora_params=lora, inference=_inference(shape, cfg, overhead),
                 lora_training=lora_training, training=training,
