@@ -24,7 +24,7 @@ def test_pack_round_trip_and_dequantized_values_lie_on_the_grid(fmt, n):
     codes, scales = quantize_rtn(w, f)
     packed = pack(codes, f)
     assert packed.dtype == torch.uint8 and packed.shape == (5, (n * f.bits + 7) // 8)
-    assert torch.equal(unpack(packed, f, n), codes)
+    assert torch.equal(unpack(packed, f, n).long(), codes)
     deq = dequantize(packed, scales, f, n, torch.float64)
     g = f.group or n
     for j in range(0, n, g):  # every entry is a level times its group's float16 scale, the nearest one

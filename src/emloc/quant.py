@@ -174,17 +174,28 @@ def pack(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, fmt: QuantFormat, n: int) -> torch.Tensor:
-    """Inverse of `pack`: codes (m x n, int64)."""
+    """Inverse of `pack`: codes (m x n, uint8)."""
     if fmt.bits == 8:
-        return packed.long()
-    lo, hi = packed & 15, packed >> 4
-    return torch.stack((lo, hi), dim=2).reshape(packed.shape[0], -1)[:, :n].long()
+        return packed
+    return torch.stack((packed & 15, packed >> 4), dim=2).reshape(packed.shape[0], -1)[:, :n]
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight (m x n) in `dtype` from packed codes and float16 scales."""
-    w = fmt.levels(dtype, packed.device)[unpack(packed, fmt, n)]
+    """The dense weight (m x n) in `dtype` from packed codes and float16 scales.
+
+    Runs in every forward and backward of a `QuantLinear`, so it makes one m x n temporary in `dtype`
+    besides the codes (int8: arithmetic on the codes; NF4: one table lookup per byte).
+    """
+    m = packed.shape[0]
+    if fmt.name == "int8":  # level = (code - 127) / 127
+        return (packed.to(dtype) - 127) * (scales.to(dtype) / 127)
+    # one lookup per byte into a 256 x 2 table of (low, high) levels: no unpacked codes, half the lookups
+    b = torch.arange(256, device=packed.device)
+    levels = fmt.levels(dtype, packed.device)
+    w = F.embedding(packed.long(), torch.stack((levels[b & 15], levels[b >> 4]), dim=1)).view(m, -1)[:, :n]
     g = fmt.group or n
+    if n % g == 0:
+        return (w.view(m, n // g, g) * scales.to(dtype)[:, :, None]).view(m, n)
     return w * scales.to(dtype).repeat_interleave(g, dim=1)[:, :n]
 
 
