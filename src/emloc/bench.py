@@ -452,7 +452,7 @@ def job_priority(name: str, cfg: BenchConfig) -> int:
         return 0 if name.endswith(f"-s{first}") else 2
     if name.startswith("refine-"):  # cheap, and the remedy for the transfer gap the first seed shows
         return 1
-    return 3 if name.startswith(BASELINES) else 4
+    return 3 if name.startswith(tuple(BASELINES)) else 4
 
 
 def machine() -> str:
