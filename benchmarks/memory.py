@@ -61,6 +61,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--methods", nargs="+", default=["svd"], help="emulator methods (svd, quant, svd+quant); "
+                    "correct and merge run for svd only")
+    ap.add_argument("--qlora", action="store_true", help="add LoRA training on an NF4 copy of the original (bitsandbytes)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
@@ -123,15 +126,25 @@ def main() -> None:
         # generate() computes logits for the last position only during prefill: the leaner reference
         add("inference, last-token logits", None, infer + ["1", str(ids_file)])
         add("LoRA train (original)", None, emloc + ["train", "--model", str(base), "--data", str(data), "--output", str(work / "lora"), *train_flags])
-    for r in args.ratios:
-        emu, ad, cor, mer = (work / f"{n}-{r}" for n in ("emulator", "adapter", "corrected", "merged"))
-        if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
-            add("EMLoC build", r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--method", "svd", "--ratio", str(r),
-                                           "--samples", str(args.samples), "--max-length", str(args.seq_len + 8), "--overwrite",
-                                           "--stats-dtype", args.stats_dtype, *dev])
-        add("EMLoC train (emulator)", r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])
-        add("EMLoC correct", r, emloc + ["correct", "--adapter", str(ad), "--output", str(cor), "--overwrite"])
-        add("EMLoC merge", r, emloc + ["merge", "--adapter", str(cor), "--output", str(mer), "--overwrite"])
+    if args.qlora:
+        add("QLoRA train (NF4 original)", None, emloc + ["train", "--model", str(base), "--data", str(data), "--output",
+                                                          str(work / "qlora"), "--quantize", "nf4", *train_flags])
+    from emloc.bench import reachable
+
+    for method in args.methods:
+        tag = "" if method == "svd" else f" [{method}]"
+        for r in args.ratios:
+            if not reachable(str(base), method, r):
+                continue
+            emu, ad, cor, mer = (work / f"{n}-{r}{tag.strip(' []')}" for n in ("emulator", "adapter", "corrected", "merged"))
+            if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
+                add("EMLoC build" + tag, r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--method",
+                                                     method, "--ratio", str(r), "--samples", str(args.samples), "--max-length",
+                                                     str(args.seq_len + 8), "--overwrite", "--stats-dtype", args.stats_dtype, *dev])
+            add("EMLoC train (emulator)" + tag, r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])
+            if method == "svd":
+                add("EMLoC correct", r, emloc + ["correct", "--adapter", str(ad), "--output", str(cor), "--overwrite"])
+                add("EMLoC merge", r, emloc + ["merge", "--adapter", str(cor), "--output", str(mer), "--overwrite"])
     infer = rows[0]["peak_rss_mb"] if rows[0]["stage"].startswith("inference") else None
     for row in rows:
         row["vs_inference"] = round(row["peak_rss_mb"] / infer, 3) if infer else None
@@ -181,7 +194,7 @@ def compare(report: dict, folder: Path | None = None) -> str:
     dtype = report.get("dtype", "auto")
     if dtype == "auto":
         dtype = "fp32" if report["device"] == "cpu" else "bf16"
-    cfg = PlanConfig(batch=report["batch"], seq_len=report["seq_len"], rank=8, dtype=dtype, device=report["device"],
+    cfg = PlanConfig(method="svd", batch=report["batch"], seq_len=report["seq_len"], rank=8, dtype=dtype, device=report["device"],
                      ratios=(1.0, *ratios), gradient_checkpointing=report["gradient_checkpointing"],
                      calibration_samples=report.get("samples", 64), calibration_len=report["seq_len"],
                      stats_dtype=report.get("stats_dtype", "float64"), vocab_used=report.get("vocab_used"))
@@ -190,6 +203,8 @@ def compare(report: dict, folder: Path | None = None) -> str:
         plan.inference = predict(plan.shape, replace(cfg, vocab_used=report["infer_vocab_used"])).inference
 
     def estimate(stage: str, ratio: float | None):
+        if stage.startswith("EMLoC train (emulator) ["):  # a quantised emulator: the plan for its method
+            return predict(plan.shape, replace(cfg, method=stage.split("[")[1].rstrip("]"), ratios=(1.0, ratio))).training[ratio]
         kind = PREDICTED.get(stage)
         return {"inference": lambda: plan.inference, "lora": lambda: plan.lora_training,
                 "build": lambda: plan.build[ratio], "train": lambda: plan.training[ratio],
