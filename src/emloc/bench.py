@@ -534,7 +534,7 @@ def format_report(report: dict[str, Any]) -> str:
              "| method | ratio | bytes | seed | held-out NLL | recovered | exact match | trained params | train peak RSS (MB) | s/step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for x in report["rows"]:
-        rec = f"{x['recovered']:.0%}" if x.get("recovered") is not None else "-"
+        rec = f"{x['recovered']:.1%}" if x.get("recovered") is not None else "-"
         em = f"{x['exact_match']:.3f}" if x.get("exact_match") is not None else "-"
         tp = f"{x['trained_model_params'] / 1e6:.1f}M" if x.get("trained_model_params") else "-"
         mem = f"{x['train_peak_rss_mb']:.0f}" if x.get("train_peak_rss_mb") else "-"
