@@ -155,9 +155,9 @@ def quantize_gptq(w: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, damp: f
             c = _nearest(W1[:, i] / s, levels)
             codes[:, col] = c
             e = (W1[:, i] - levels[c] * s) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(e, U1[i, i:], alpha=-1.0)  # in place: no m x block temporary per column
             err[:, i] = e
-        W[:, i2:] -= err @ U[i1:i2, i2:]
+        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1.0)
     if row_scale is not None:
         scales[:, 0] = row_scale
     return codes, scales.to(torch.float16)
