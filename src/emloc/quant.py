@@ -187,16 +187,19 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, n: 
     besides the codes (int8: arithmetic on the codes; NF4: one table lookup per byte).
     """
     m = packed.shape[0]
+    # in-place arithmetic: one m x n temporary per call (each is a fresh mapping under a small
+    # EMLOC_MMAP_THRESHOLD, and this runs for every layer in every forward and backward)
     if fmt.name == "int8":  # level = (code - 127) / 127
-        return (packed.to(dtype) - 127) * (scales.to(dtype) / 127)
+        return packed.to(dtype).sub_(127).mul_(scales.to(dtype) / 127)
     # one lookup per byte into a 256 x 2 table of (low, high) levels: no unpacked codes, half the lookups
     b = torch.arange(256, device=packed.device)
     levels = fmt.levels(dtype, packed.device)
-    w = F.embedding(packed.long(), torch.stack((levels[b & 15], levels[b >> 4]), dim=1)).view(m, -1)[:, :n]
+    w = F.embedding(packed.int(), torch.stack((levels[b & 15], levels[b >> 4]), dim=1)).view(m, -1)
     g = fmt.group or n
-    if n % g == 0:
-        return (w.view(m, n // g, g) * scales.to(dtype)[:, :, None]).view(m, n)
-    return w * scales.to(dtype).repeat_interleave(g, dim=1)[:, :n]
+    if n % g == 0 and w.shape[1] == n:
+        w.view(m, n // g, g).mul_(scales.to(dtype)[:, :, None])
+        return w
+    return w[:, :n] * scales.to(dtype).repeat_interleave(g, dim=1)[:, :n]
 
 
 class _FrozenLinear(torch.autograd.Function):
