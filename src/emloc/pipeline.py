@@ -62,8 +62,9 @@ class RunConfig:
     data: str | None = None
     eval_data: str | None = None
     # the demo keeps the paper's SVD emulator: on a CPU a quantised emulator rebuilds every layer's
-    # weight in every forward and backward, which with micro-batches of 2 and checkpointing made a
-    # training step ~10x slower (int8: 35-39 s against 3.9 s); `--method auto` gives the measured best
+    # weight in every forward and backward (three times per micro-batch with checkpointing), and with
+    # micro-batches of 2 an int8 step took 35-39 s (another job shared the two cores) against 3.9 s
+    # for the SVD emulator alone; `--method auto` builds the measured-best emulator
     emulator: EmulatorConfig = field(default_factory=lambda: EmulatorConfig(method="svd"))
     # checkpointing and micro-batches of 2 keep training under the original's inference peak (the table
     # shows it; micro-batches of 8 reached it exactly, 1112 MB); 30 steps and a 32-record in-training
