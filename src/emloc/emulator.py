@@ -241,6 +241,14 @@ def _shared_eigh(cache: list, gram: torch.Tensor, floor: float) -> tuple[torch.T
     return eig
 
 
+def _checked_weight(store: WeightStore, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight in `dtype` on `device`; a damaged (non-finite) checkpoint is refused."""
+    w = store.get(name + ".weight").to(device=device, dtype=dtype)
+    if not torch.isfinite(w).all():
+        raise EmlocError(f"non-finite weights in {name}; the checkpoint is damaged")
+    return w
+
+
 def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
              stats_dtype: torch.dtype, cfg: EmulatorConfig) -> Iterator[tuple[str, Spectrum, torch.Tensor | None]]:
     """Run the block on the calibration batches, then yield (layer, spectrum, plain SVD's Gram) one layer at a time.
@@ -249,10 +257,7 @@ def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: Weig
     is made when it is asked for, so a consumer that factors it at once holds one at a time.
     """
     def weight(rel: str) -> torch.Tensor:
-        w = store.get(step.prefix + rel + ".weight").to(device=device, dtype=stats_dtype)
-        if not torch.isfinite(w).all():
-            raise EmlocError(f"non-finite weights in {step.prefix + rel}; the checkpoint is damaged")
-        return w
+        return _checked_weight(store, step.prefix + rel, device, stats_dtype)
 
     if not cfg.whiten:  # plain SVD ignores the data; the input Gram only measures its error on it
         stats = step.run({rel: (INPUT_GRAM,) for rel in compressed})
@@ -325,9 +330,7 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
     layers: dict[str, dict[str, Any]] = {}
     for rel, p in compressed.items():
         gram = stats.pop(rel).input_gram
-        w = store.get(step.prefix + rel + ".weight").to(device=device, dtype=stats_dtype)
-        if not torch.isfinite(w).all():
-            raise EmlocError(f"non-finite weights in {step.prefix + rel}; the checkpoint is damaged")
+        w = _checked_weight(store, step.prefix + rel, device, stats_dtype)
         fmt = FORMATS[p["format"]]
         codes, scales = quantize_gptq(w, gram, fmt) if cfg.rounding == "gptq" else quantize_rtn(w, fmt)
         lin = step.block.get_submodule(rel)
