@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import EmlocError
 
@@ -33,14 +33,40 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise EmlocError(f"output folder {path} exists and is not empty; choose another path or pass --overwrite")
 
 
+def check_distinct(output: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of the `inputs` (files or folders).
+
+    Replacing such an output (`--overwrite`) would delete or alter an input; the check runs before any I/O.
+    """
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        if item is None or not Path(str(item)).expanduser().exists():
+            continue  # a packaged model name, or an input that is checked (and reported) elsewhere
+        src = Path(str(item)).expanduser().resolve()
+        if out == src:
+            raise EmlocError(f"the output {out} is the input {src}; choose a new output path")
+        if out in src.parents:
+            raise EmlocError(f"the output {out} contains the input {src}; choose an output outside it")
+        if src in out.parents:
+            raise EmlocError(f"the output {out} lies inside the input {src}; choose an output outside it")
+
+
+def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """All checks of an output path, before any work: not an input, and empty unless `overwrite`. Returns it resolved."""
+    out = Path(path).expanduser().resolve()
+    check_distinct(out, inputs)
+    check_output_dir(out, overwrite)
+    return out
+
+
 @contextlib.contextmanager
-def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a temporary folder that becomes `path` when the block finishes without error.
 
-    On error the temporary folder is removed, and an existing `path` is left untouched.
+    On error the temporary folder is removed, and an existing `path` is left untouched. `inputs` are refused
+    as outputs (see `check_distinct`).
     """
-    path = Path(path).expanduser().resolve()
-    check_output_dir(path, overwrite)
+    path = check_output(path, overwrite, inputs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(path)
@@ -69,6 +95,33 @@ def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(path)
+
+
+def check_output_file(path: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """All checks of an output file, before any work: not an input, not a folder, new unless `overwrite`."""
+    path = Path(path).expanduser().resolve()
+    check_distinct(path, inputs)
+    if path.is_dir():
+        raise EmlocError(f"output {path} is a folder; give a file path")
+    if path.exists() and not overwrite:
+        raise EmlocError(f"output file {path} exists; choose another path or pass --overwrite")
+    return path
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a temporary file path that becomes `path` when the block finishes without error.
+
+    Refuses an existing `path` unless `overwrite`, and any of `inputs` (see `check_distinct`).
+    """
+    path = check_output_file(path, overwrite, inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        tmp.replace(path)  # atomic on one file system
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

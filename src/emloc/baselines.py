@@ -122,7 +122,7 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
         "kind": "emulator", "method": method, "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),
         "blocks": blocks_name, "config": cfg, "calibration": {"file": str(calibration), "samples": cfg.samples},
         "params": {"base": sum(p.numel() for p in model.parameters())}, "layers": {}, "versions": versions()}
-    with staged_output(output, overwrite) as tmp:
+    with staged_output(output, overwrite, (base_dir, calibration)) as tmp:
         emit = _ShardWriter(tmp)
         if method == "layer-drop":
             keep = kept_blocks(len(blocks), float(cfg.ratio))

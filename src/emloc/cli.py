@@ -152,7 +152,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
     from .evaluate import EvalConfig, evaluate
 
-    r = evaluate(ns.model, ns.data, ns.adapter, build_config(EvalConfig, ns), ns.output)
+    r = evaluate(ns.model, ns.data, ns.adapter, build_config(EvalConfig, ns), ns.output, ns.overwrite)
     print(json.dumps({k: r[k] for k in ("nll", "ppl", "exact_match", "em_records", "records", "answer_tokens") if k in r}))
 
 
@@ -296,8 +296,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    for sp in (b, t, c, m, e, r):  # plan writes nothing
+    for sp in (b, t, c, m, r):  # plan writes nothing
         sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
 
 

@@ -55,7 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import (MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
                         write_json)
 from .checkpoint import fault_point
 from .errors import EmlocError
@@ -353,6 +353,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     if cfg.clamp is not None and not cfg.clamp > 0:
         raise EmlocError(f"clamp L must be positive (got {cfg.clamp}); use 'none' to disable it")
     watch = Stopwatch()
+    check_output(output, overwrite, (adapter, emulator, base))  # before any work; again below with the inputs found
     adapter = Path(adapter).expanduser().resolve()
     acfg = _check_adapter(adapter)
     amanifest = read_manifest(adapter) or {}
@@ -367,9 +368,8 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     if fingerprint(base_dir) != emanifest["base_fingerprint"]:
         raise EmlocError(f"{base_dir} is not the base model the emulator was built from (fingerprint mismatch); "
                          f"pass --base with the model used in `emloc build`")
-    out_path = Path(output).expanduser().resolve()
-    if out_path in (adapter, emu_dir.resolve(), base_dir):
-        raise EmlocError("the output folder is one of the inputs; choose a new folder")
+    inputs = (adapter, emu_dir, base_dir)
+    out_path = check_output(output, overwrite, inputs)
 
     method = emanifest.get("method", "svd")
     if method != "svd" and cfg.mode not in ("none", "auto"):
@@ -407,7 +407,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
         from .baselines import to_original
 
         new = to_original(new, emanifest)
-    with staged_output(out_path, overwrite) as tmp:
+    with staged_output(out_path, overwrite, inputs) as tmp:
         save_file({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         fault_point("correct_write", 1)
         acfg["base_model_name_or_path"] = str(base_dir)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import (MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
                         write_json)
 from .checkpoint import fault_point
 from .data import calibration_ids, read_jsonl
@@ -393,9 +393,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     if cfg.method in QUANT_METHODS and (cfg.allocation != "uniform" or not cfg.whiten):
         raise EmlocError(f"--allocation and --no-whiten apply to --method svd only, not {cfg.method}")
     base_dir = resolve_model(base)
-    out_path = Path(output).expanduser().resolve()
-    if out_path == base_dir:
-        raise EmlocError("the emulator output folder is the base model folder; choose a new folder")
+    out_path = check_output(output, overwrite, (base_dir, calibration))
     if cfg.method not in ("svd", *QUANT_METHODS):
         from .baselines import build_baseline
 
@@ -431,7 +429,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     layers: dict[str, dict[str, Any]] = {}
     n_files = len(stream.blocks) + 1
     weight_map: dict[str, str] = {}
-    with staged_output(out_path, overwrite) as tmp:
+    with staged_output(out_path, overwrite, (base_dir, calibration)) as tmp:
         for step in stream.passes(ids, device, dtype, stats_dtype=stats_dtype, batch_tokens=cfg.batch_tokens,
                                   sequential=cfg.sequential, desc="building emulator"):
             layers.update(_compress_block(step, plan, stream.store, device, dtype, stats_dtype, cfg))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import Stopwatch, peak_memory_mb, to_jsonable, write_json
+from .artifacts import Stopwatch, check_output_file, peak_memory_mb, staged_file, to_jsonable, write_json
 from .data import collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
@@ -71,7 +71,7 @@ def load_for_eval(model: str | Path, adapter: str | Path | None, device: str, dt
 
 @torch.no_grad()
 def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = None,
-             config: EvalConfig | None = None, output: str | Path | None = None) -> dict[str, Any]:
+             config: EvalConfig | None = None, output: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate a model (optionally with an adapter) on held-out JSONL data.
 
     Args:
@@ -79,7 +79,8 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
         data: JSONL held-out data.
         adapter: PEFT adapter folder to apply, or None.
         config: settings; defaults to `EvalConfig()`.
-        output: JSON file to write the results to, or None.
+        output: JSON file to write the results to (atomically), or None.
+        overwrite: replace an existing `output` file.
 
     Returns:
         {"nll", "ppl", "answer_tokens", "records", "exact_match", "em_records", ...}.
@@ -88,6 +89,8 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
 
     cfg = config or EvalConfig()
     watch = Stopwatch()
+    if output is not None:
+        check_output_file(output, overwrite, (model, data, adapter))
     net = load_for_eval(model, adapter, cfg.device, cfg.dtype, cfg.quantize)
     device = next(net.parameters()).device
     tok = AutoTokenizer.from_pretrained(_model_dir(net))
@@ -131,9 +134,8 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
         result["em_records"] = len(short)
     result.update(wall_seconds=round(watch.seconds, 1), **peak_memory_mb())
     if output is not None:
-        out = Path(output).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, to_jsonable(result))
+        with staged_file(output, overwrite, (model, data, adapter)) as tmp:
+            write_json(tmp, to_jsonable(result))
     return result
 
 

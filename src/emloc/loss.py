@@ -1,11 +1,12 @@
 """Answer-token cross-entropy without materialising batch x sequence x vocabulary logits.
 
-The model runs with its output head temporarily replaced by the identity, so its "logits" are the
-final hidden states (B x T x d). Only the positions whose next token carries loss are gathered
-(N x d, N = answer tokens), and the head is applied to them in chunks of `chunk` tokens under
-activation checkpointing: at most chunk x vocabulary logits exist at any time, in the forward and in
-the backward pass. For a chat task this is a few hundred rows instead of B x T; for a 150k
-vocabulary it is what keeps the loss from dominating training memory.
+The model runs with its output head temporarily replaced by the loss itself: inside the head's call,
+only the positions whose next token carries loss are gathered (N x d, N = answer tokens), and the
+head's weight is applied to them in chunks of `chunk` tokens under activation checkpointing, so at
+most chunk x vocabulary logits exist at any time, in the forward and in the backward pass. For a chat
+task this is a few hundred rows instead of B x T; for a 150k vocabulary it is what keeps the loss from
+dominating training memory. Computing it inside the head's call also keeps it correct under FSDP and
+ZeRO-3, which gather the head's weight only for that call.
 """
 
 from __future__ import annotations
@@ -44,18 +45,33 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 @contextlib.contextmanager
-def _identity_head(head: nn.Module) -> Iterator[None]:
-    head.forward = lambda x: x  # type: ignore[method-assign]
+def _loss_head(head: nn.Linear, keep: torch.Tensor, y: torch.Tensor, chunk: int) -> Iterator[None]:
+    """Make the head return the answer tokens' summed NLL (a 0-d tensor) instead of logits.
+
+    The loss is computed inside the head's own call, i.e. inside the model's forward: under FSDP and
+    ZeRO-3 that is where the head's weight is gathered (and its module hooks gather it again for the
+    backward pass); read after the forward, it may already be released.
+    """
+    def forward(x: torch.Tensor) -> torch.Tensor:  # x: B x T x d, the final hidden states
+        h, t = x[:, :-1][keep], y[keep]
+        total = (x.sum() * 0).float()  # keeps the graph connected when no token carries loss
+        grad = torch.is_grad_enabled()
+        for i in range(0, len(t), chunk):
+            args = (h[i:i + chunk], head.weight, head.bias, t[i:i + chunk])
+            total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if grad else _ce_sum(*args))
+        return total
+
+    head.forward = forward  # type: ignore[method-assign]
     try:
         yield
     finally:
         del head.forward
-
-
-def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight, bias).float()
-    return F.cross_entropy(logits, y, reduction="sum")
 
 
 def answer_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -63,7 +79,7 @@ def answer_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     """Sum of next-token NLL over answer tokens, and their count.
 
     Args:
-        model: a causal LM (possibly PEFT- or DDP-wrapped).
+        model: a causal LM (possibly PEFT-, DDP- or FSDP-wrapped).
         input_ids, attention_mask, labels: (B x T); labels are IGNORE where no loss is taken.
         chunk: tokens per head application.
 
@@ -77,12 +93,6 @@ def answer_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), y[keep], reduction="sum"), n
-    with _identity_head(head):
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    h, t = hidden[keep], y[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled()
-    for i in range(0, n, chunk):
-        args = (h[i:i + chunk], head.weight, head.bias, t[i:i + chunk])
-        total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if grad else _ce_sum(*args))
-    return total, n
+    with _loss_head(head, keep, y, chunk):
+        total = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return total.reshape(()), n

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .artifacts import MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
 from .checkpoint import fault_point
 from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
 from .errors import EmlocError
@@ -37,6 +37,7 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
         The merged model folder, loadable with `AutoModelForCausalLM.from_pretrained`.
     """
     watch = Stopwatch()
+    check_output(output, overwrite, (adapter, base))  # before any work; again below with the base found
     adapter = Path(adapter).expanduser().resolve()
     acfg = _check_adapter(adapter)
     amanifest = read_manifest(adapter) or {}
@@ -45,15 +46,13 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
         raise EmlocError(f"the adapter was corrected for a different base model than {base_dir}; pass the right --base")
     if amanifest.get("kind") == "adapter" and amanifest.get("trained_on_kind") == "emulator":
         raise EmlocError("this adapter was trained on an emulator; run `emloc correct` first and merge its output")
-    out_path = Path(output).expanduser().resolve()
-    if out_path in (base_dir, adapter):
-        raise EmlocError("the output folder is one of the inputs; choose a new folder")
+    out_path = check_output(output, overwrite, (base_dir, adapter))
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     pending = {m: None for m in _lora_modules(tensors)}
     prefix = "base_model.model."
     shards = sorted(base_dir.glob("*.safetensors"))
     renamed = WeightStore(base_dir).align(empty_model(load_config(base_dir))).model_names()
-    with staged_output(out_path, overwrite) as tmp:
+    with staged_output(out_path, overwrite, (base_dir, adapter)) as tmp:
         written: list[tuple[Path, list[str]]] = []
         chunk: dict[str, torch.Tensor] = {}
         size = 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import (MEASURE_THRESHOLD, Stopwatch, check_output_dir, peak_memory_mb, read_manifest, return_freed_memory,
+from .artifacts import (MEASURE_THRESHOLD, Stopwatch, check_output, peak_memory_mb, read_manifest, return_freed_memory,
                         versions, write_json)
 from .correct import CorrectConfig, correct_adapter
 from .data import DEFAULT_TASK, default_task
@@ -87,8 +87,7 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
     """
     cfg = config or RunConfig()
     watch = Stopwatch()
-    out = Path(output).expanduser().resolve()
-    check_output_dir(out, overwrite)
+    out = check_output(output, overwrite, (cfg.base, cfg.data, cfg.eval_data))
     base = resolve_model(cfg.base)
     if cfg.data is None:
         train_file, eval_file = default_task(cfg.task)
@@ -110,7 +109,7 @@ def run_pipeline(output: str | Path, config: RunConfig | None = None, overwrite:
     for name, model, ad in rows_spec:
         log.info("evaluating: %s", name)
         slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
-        r = _isolated(evaluate, model, held, ad, cfg.eval, out / "eval" / f"{slug}.json")
+        r = _isolated(evaluate, model, held, ad, cfg.eval, out / "eval" / f"{slug}.json", overwrite=True)
         rows.append({"row": name, "nll": r["nll"], "ppl": r["ppl"], "exact_match": r.get("exact_match"),
                      "records": r["records"], "answer_tokens": r["answer_tokens"], "peak_rss_mb": r.get("peak_rss_mb")})
     zero = rows[0]["nll"]

@@ -18,7 +18,6 @@ import math
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
+                        write_json)
 from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
 from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
 from .models import block_linears, find_blocks, parse_device, parse_dtype, resolve_model
+from .sharding import (load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state,
+                       shard_model)
 
 log = logging.getLogger("emloc")
 
@@ -75,6 +77,8 @@ class TrainConfig:
         last_blocks: train only the LoRA of the last K blocks; the others keep their initial values
             (with `init_adapter`: refine an adapter transferred from an emulator on the original,
             with exact gradients; no activation of the earlier blocks is kept for the backward pass).
+        fsdp: with several processes, shard every block's weights over them (PyTorch FSDP2) instead of giving
+            each process a full copy (DDP); also chosen by `accelerate launch --use_fsdp`.
     """
 
     rank: int = 8
@@ -104,9 +108,46 @@ class TrainConfig:
     quantize: str = "none"
     init_adapter: str | None = None
     last_blocks: int | None = None
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        """Settings fail here, before any file is read."""
+        positive = {"--rank": self.rank, "--batch-size": self.batch_size, "--micro-batch-size": self.micro_batch_size,
+                    "--max-length": self.max_length, "--loss-chunk": self.loss_chunk, "--eval-samples": self.eval_samples}
+        if self.steps is not None:
+            positive["--steps"] = self.steps
+        for flag, value in positive.items():
+            if value < 1:
+                raise EmlocError(f"{flag} must be at least 1 (got {value})")
+        if self.steps is None and not self.epochs > 0:
+            raise EmlocError(f"--epochs must be positive (got {self.epochs})")
+        if not 0 <= self.eval_fraction < 1:
+            raise EmlocError(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction}); the rest is the training set")
+        if not self.lr > 0 or not 0 <= self.warmup <= 1 or not 0 <= self.dropout < 1:
+            raise EmlocError(f"--lr must be positive, --warmup in [0, 1], --dropout in [0, 1) "
+                             f"(got {self.lr}, {self.warmup}, {self.dropout})")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise EmlocError("--eval-every and --save-every must be 0 (off) or positive")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise EmlocError(f"unknown --schedule {self.schedule!r}; use cosine, linear or constant")
+        if self.quantize not in QUANTIZE:
+            raise EmlocError(f"unknown --quantize {self.quantize!r}; use one of {', '.join(QUANTIZE)}")
+        if self.last_blocks is not None and self.last_blocks < 1:
+            raise EmlocError(f"--last-blocks must be at least 1 (got {self.last_blocks})")
+        parse_dtype(self.dtype, torch.device("cpu"))
+        check_targets(self.targets)
 
 
 QUANTIZE = ("none", "nf4")
+
+
+def check_targets(targets: str | None) -> None:
+    """Refuse a `--targets` regex that does not compile (a comma-separated list of names is taken literally)."""
+    if targets and "," not in targets:
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise EmlocError(f"--targets {targets!r} is not a valid regular expression ({exc}); fix the pattern") from None
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> nn.Module:
@@ -219,20 +260,158 @@ def _schedule(optimizer, cfg: TrainConfig, steps: int):
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int, device: torch.device,
               accelerator=None, chunk: int = 256) -> float:
-    """Token-weighted mean NLL on the answer tokens of `examples` (sharded over processes)."""
+    """Token-weighted mean NLL on the answer tokens of `examples` (sharded over processes).
+
+    Every process runs the same number of forward passes: under FSDP each one is a collective, so a
+    process with fewer records repeats its first one and discards the result.
+    """
     was = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = examples[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro):
-        b = {k: v.to(device) for k, v in collate(mine[i:i + micro], pad_id).items()}
+    for i in range(0, math.ceil(len(examples) / world), micro):
+        part = mine[i:i + micro]
+        b = {k: v.to(device) for k, v in collate(part or examples[:1], pad_id).items()}
         nll, n = answer_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunk)
-        total += torch.tensor([float(nll), n], dtype=torch.float64, device=device)
+        if part:
+            total += torch.tensor([float(nll), n], dtype=torch.float64, device=device)
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was)
     return float(total[0] / total[1].clamp(min=1))
+
+
+def _accelerator(cfg: TrainConfig):
+    """The process setup; CPU-only machines run on CPU even with `--device auto` (else every process is rank 0)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine owns the optimizer step (accelerate steps it on every micro-batch) and its
+        # ZeRO-3 partitions need its own gather; emloc's loop does neither, so it refuses rather than train wrongly.
+        raise EmlocError("emloc train does not run under DeepSpeed; shard the model with --fsdp (FSDP2) instead, "
+                         "or drop the DeepSpeed config to train with DDP")
+    if cfg.batch_size % accelerator.num_processes:
+        raise EmlocError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({accelerator.num_processes})")
+    return accelerator
+
+
+def _split(train_ex: list[Example], held: list[Example] | None, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """Training and held-out records: `held` if given, else `eval_fraction` of the training file."""
+    if held is None and cfg.eval_fraction > 0 and len(train_ex) >= 10:
+        shuffled = sample(train_ex, len(train_ex), cfg.seed + 1)
+        n_eval = max(1, int(len(train_ex) * cfg.eval_fraction))
+        held, train_ex = shuffled[:n_eval], shuffled[n_eval:]
+    if not train_ex:
+        raise EmlocError("no training records left after holding out --eval-fraction; lower it or pass --eval-data")
+    return train_ex, (held or [])[: cfg.eval_samples]
+
+
+def _peft(net: nn.Module, cfg: TrainConfig, sharded: bool) -> nn.Module:
+    """The LoRA model: initial weights, frozen blocks, checkpointing and (with `sharded`) FSDP2, in that order."""
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)  # identical LoRA init on every process
+    try:
+        peft_model = get_peft_model(net, lora_config(net, cfg))
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "target modules" in str(exc).lower():
+            raise EmlocError(f"--targets matches no layer of the model ({cfg.targets}); check the module names") from None
+        raise
+    if cfg.init_adapter:
+        _load_initial(peft_model, Path(cfg.init_adapter).expanduser())
+    if cfg.last_blocks:
+        _train_last_blocks(peft_model, cfg.last_blocks)
+    if cfg.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    if sharded:
+        shard_model(peft_model, find_blocks(peft_model.get_base_model())[1])
+    return peft_model
+
+
+def _data_order(n: int, cfg: TrainConfig, steps: int) -> list[int]:
+    """Global data order: seeded permutations, one per epoch, concatenated."""
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    while len(order) < steps * cfg.batch_size:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        order += perm
+    return order
+
+
+def _gather_rng(accelerator, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    mine = rng_state(device)
+    if accelerator.num_processes == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(states, mine)
+    return states
+
+
+class _Loop:
+    """One training run's moving parts: the step, the checkpoint (collective parts on every rank) and the resume."""
+
+    def __init__(self, accelerator, model: nn.Module, raw: nn.Module, optimizer, scheduler, cfg: TrainConfig,
+                 pad_id: int, sharded: bool) -> None:
+        self.acc, self.model, self.raw, self.opt, self.sched, self.cfg = accelerator, model, raw, optimizer, scheduler, cfg
+        self.pad_id, self.sharded = pad_id, sharded
+        self.world, self.device = accelerator.num_processes, accelerator.device
+        self.micro = min(cfg.micro_batch_size, cfg.batch_size // self.world)
+
+    def step(self, batch: list[Example]) -> float:
+        """One optimizer step on a global batch; returns the batch's mean answer NLL (over all processes)."""
+        mine = batch[self.acc.process_index::self.world]
+        n_global = answer_tokens(collate(batch, self.pad_id)["labels"])
+        loss_sum = 0.0
+        chunks = [mine[i:i + self.micro] for i in range(0, len(mine), self.micro)]
+        for j, chunk in enumerate(chunks):
+            b = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+            # DDP: reduce gradients once, after the last micro-batch (FSDP2 reduce-scatters every one; same sum)
+            ctx = self.acc.no_sync(self.model) if j < len(chunks) - 1 and not self.sharded else contextlib.nullcontext()
+            with ctx:
+                nll, _ = answer_nll(self.model, b["input_ids"], b["attention_mask"], b["labels"], self.cfg.loss_chunk)
+                loss = nll / max(n_global, 1)
+                # DDP and FSDP average gradients over processes; scale so the result is sum / n_global.
+                self.acc.backward(loss * self.world)
+            loss_sum += float(loss.detach())
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.tensor(loss_sum, device=self.device)
+        if self.world > 1:
+            total = self.acc.reduce(total, reduction="sum")
+        return float(total)
+
+    def save(self, folder: Path, key: str, step: int, rows: list[dict[str, Any]]) -> None:
+        adapter, optim = lora_state(self.raw), optimizer_state(self.raw, _torch_optimizer(self.opt))  # collectives
+        rngs = _gather_rng(self.acc, self.device)
+        if self.acc.is_main_process:
+            save_checkpoint(folder, key, step, rows, adapter, optim, self.sched.state_dict(), rngs)
+        self.acc.wait_for_everyone()
+
+    def resume(self, folder: Path, key: str) -> tuple[int, list[dict[str, Any]]]:
+        state = load_checkpoint(folder, key)
+        if state is None:
+            log.warning("no checkpoint in %s; starting from step 0", folder)
+            return 0, []
+        load_lora_state(self.raw, state["adapter"])
+        load_optimizer_state(self.raw, _torch_optimizer(self.opt), state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        if len(rngs) != self.world:
+            log.warning("the checkpoint was written by %d processes, this run has %d: dropout noise will differ", len(rngs), self.world)
+        set_rng_state(rngs[self.acc.process_index % len(rngs)], self.device)
+        return state["step"], state["log"]
+
+
+def _torch_optimizer(opt):
+    return getattr(opt, "optimizer", opt)  # accelerate's wrapper holds the torch optimizer
 
 
 def train_adapter(model: str | Path, data: str | Path, output: str | Path, config: TrainConfig | None = None,
@@ -251,131 +430,69 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     Returns:
         The adapter folder.
     """
-    from accelerate import Accelerator
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoTokenizer
 
     cfg = config or TrainConfig()
     watch = Stopwatch()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
-    if cfg.batch_size % world:
-        raise EmlocError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    per_proc = cfg.batch_size // world
-    micro = min(cfg.micro_batch_size, per_proc)
+    inputs = (model, data, eval_data, cfg.init_adapter)
+    out_path = check_output(output, overwrite, inputs)
+    accelerator = _accelerator(cfg)
+    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    sharded = (cfg.fsdp or accelerator.distributed_type.name == "FSDP") and world > 1
+    if cfg.fsdp and world == 1:
+        log.warning("--fsdp has nothing to shard over with one process; training unsharded")
 
     model_path = Path(str(model)).expanduser()
-    device = accelerator.device
     net = load_model(model, device=str(device), dtype=cfg.dtype, quantize=cfg.quantize)
     source = read_manifest(model_path) if model_path.is_dir() else None
     model_dir = Path(net.name_or_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-    train_ex = load_examples(data, tok, cfg.max_length)
-    if eval_data is not None:
-        held = load_examples(eval_data, tok, cfg.max_length)
-    elif cfg.eval_fraction > 0 and len(train_ex) >= 10:
-        shuffled = sample(train_ex, len(train_ex), cfg.seed + 1)
-        n_eval = max(1, int(len(train_ex) * cfg.eval_fraction))
-        held, train_ex = shuffled[:n_eval], shuffled[n_eval:]
-    else:
-        held = []
-    held = held[: cfg.eval_samples]
+    train_ex, held = _split(load_examples(data, tok, cfg.max_length),
+                            load_examples(eval_data, tok, cfg.max_length) if eval_data is not None else None, cfg)
     steps = cfg.steps if cfg.steps else max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.batch_size))
 
-    torch.manual_seed(cfg.seed)  # identical LoRA init on every process
-    peft_model = get_peft_model(net, lora_config(net, cfg))
-    if cfg.init_adapter:
-        _load_initial(peft_model, Path(cfg.init_adapter).expanduser())
-    if cfg.last_blocks:
-        _train_last_blocks(peft_model, cfg.last_blocks)
-    if cfg.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model.enable_input_require_grads()
+    peft_model = _peft(net, cfg, sharded)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg, steps)
-    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    raw = peft_model
+    if not sharded:  # FSDP2 is already applied (`_peft`); accelerate would wrap the model in DDP
+        peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     peft_model.train()
+    loop = _Loop(accelerator, peft_model, raw, optimizer, scheduler, cfg, pad_id, sharded)
+    order = _data_order(len(train_ex), cfg, steps)
 
-    # Global data order: seeded permutations, one per epoch, concatenated.
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-    while len(order) < steps * cfg.batch_size:
-        perm = list(range(len(train_ex)))
-        rng.shuffle(perm)
-        order += perm
-
-    log_rows: list[dict[str, Any]] = []
-    out_path = Path(output).expanduser().resolve()
     ckpt = checkpoint_dir(out_path)
-    key = config_key(cfg, fingerprint(model_dir), str(Path(data).expanduser().resolve()))
-    start = 0
-    if cfg.resume:
-        state = load_checkpoint(ckpt, key)
-        if state is None:
-            log.warning("no checkpoint in %s; starting from step 0", ckpt)
-        else:
-            set_peft_model_state_dict(accelerator.unwrap_model(peft_model), state["adapter"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            start, log_rows = state["step"], state["log"]
-            log.info("resuming from step %d of %d (%s)", start, steps, ckpt)
-    # Only the main process publishes the folder; the others write nowhere.
-    target = staged_output(out_path, overwrite) if main else tempfile.TemporaryDirectory()
-    with target as tmp:
-        tmp = Path(tmp)
-        loop_start = time.perf_counter()
-        bar = tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps)
-        for step in bar:
-            batch = [train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
-            mine = batch[accelerator.process_index::world]
-            n_global = torch.tensor(answer_tokens(collate(batch, pad_id)["labels"]), device=device)
-            loss_sum, step_start = 0.0, time.perf_counter()
-            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-            for j, chunk in enumerate(chunks):
-                b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-                ctx = accelerator.no_sync(peft_model) if j < len(chunks) - 1 else contextlib.nullcontext()
-                with ctx:
-                    nll, _ = answer_nll(peft_model, b["input_ids"], b["attention_mask"], b["labels"], cfg.loss_chunk)
-                    loss = nll / int(n_global)
-                    # DDP averages gradients over processes; scale so the result is sum / n_global.
-                    accelerator.backward(loss * world)
-                loss_sum += float(loss.detach())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.tensor(loss_sum, device=device)
-            if world > 1:
-                loss = accelerator.reduce(loss, reduction="sum")
-            row: dict[str, Any] = {"step": step + 1, "loss": round(float(loss), 6), "lr": scheduler.get_last_lr()[0],
-                                   "seconds": round(time.perf_counter() - step_start, 3)}  # the step alone, no eval
-            if not math.isfinite(row["loss"]):
-                raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
-            last = step + 1 == steps
-            if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                row["eval_loss"] = round(eval_loss(peft_model, held, micro, pad_id, device, accelerator, cfg.loss_chunk), 6)
-            log_rows.append(row)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-                if main:
-                    save_checkpoint(ckpt, key, step + 1, log_rows, get_peft_model_state_dict(accelerator.unwrap_model(peft_model)),
-                                    optimizer, scheduler)
-                accelerator.wait_for_everyone()
-            fault_point("train_step", step + 1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
+    key = config_key(cfg, fingerprint(model_dir), data, eval_data)
+    start, log_rows = loop.resume(ckpt, key) if cfg.resume else (0, [])
+    if start:
+        log.info("resuming from step %d of %d (%s)", start, steps, ckpt)
+    loop_start = time.perf_counter()
+    for step in tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps):
+        step_start = time.perf_counter()
+        loss = loop.step([train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]])
+        row: dict[str, Any] = {"step": step + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                               "seconds": round(time.perf_counter() - step_start, 3)}  # the step alone, no eval
+        if not math.isfinite(row["loss"]):
+            raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
+        last = step + 1 == steps
+        if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            row["eval_loss"] = round(eval_loss(peft_model, held, loop.micro, pad_id, device, accelerator, cfg.loss_chunk), 6)
+        log_rows.append(row)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+            loop.save(ckpt, key, step + 1, log_rows)
+        fault_point("train_step", step + 1)
 
-        accelerator.wait_for_everyone()
-        if main:
-            unwrapped = accelerator.unwrap_model(peft_model)
-            unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(peft_model, unwrap=False)
-                                      if _zero3(accelerator) else None)
+    state = lora_state(raw)  # a collective under FSDP: every process gathers, the main one writes
+    accelerator.wait_for_everyone()
+    if main:
+        with staged_output(out_path, overwrite, inputs) as tmp:
+            raw.save_pretrained(tmp, state_dict=state)
             (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             _plot_losses(log_rows, tmp / "loss.png")
-            manifest = {
+            write_json(tmp / MANIFEST, {
                 "kind": "adapter",
                 "trained_on": str(model_dir),
                 "trained_on_kind": source.get("kind") if source else "base",
@@ -386,24 +503,16 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 "eval_data": str(Path(eval_data).expanduser().resolve()) if eval_data else None,
                 "train_records": len(train_ex), "eval_records": len(held),
                 "steps": steps, "trainable_params": n_trainable,
-                "model_params": sum(p.numel() for p in unwrapped.parameters()) - n_trainable,
+                "model_params": sum(p.numel() for p in raw.parameters()) - n_trainable,  # DTensors count their full size
                 "final_loss": log_rows[-1]["loss"], "final_eval_loss": log_rows[-1].get("eval_loss"),
-                "processes": world,
+                "processes": world, "sharded": sharded,
                 "seconds_per_step": round((time.perf_counter() - loop_start) / max(1, steps - start), 3),
                 "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
-            }
-            write_json(tmp / MANIFEST, manifest)
-        accelerator.wait_for_everyone()
-    if main:
+            })
         shutil.rmtree(ckpt, ignore_errors=True)  # the finished adapter supersedes it
         print(watch.summary("train", out_path))
+    accelerator.wait_for_everyone()
     return out_path
-
-
-def _zero3(accelerator) -> bool:
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    return bool(ds and ds.zero_stage == 3) or getattr(accelerator, "is_fsdp2", False) or \
-        getattr(accelerator.state, "fsdp_plugin", None) is not None
 
 
 def _plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
