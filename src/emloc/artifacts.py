@@ -124,6 +124,18 @@ def staged_file(path: str | Path, overwrite: bool = False, inputs: Iterable[str 
         tmp.unlink(missing_ok=True)
 
 
+def save_finite(tensors: dict[str, Any], path: Path) -> None:
+    """`safetensors.save_file`, refusing any non-finite floating tensor (e.g. factors that overflowed in the cast)."""
+    import torch
+    from safetensors.torch import save_file
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise EmlocError(f"{name} holds non-finite values; nothing was written (check the inputs' weights, "
+                             "or use a wider --dtype)")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -159,6 +171,17 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (adapter_config.json, ...), with a one-line error when it does not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EmlocError(f"{path} is not valid JSON ({exc}); restore the file") from None
+    if not isinstance(data, dict):
+        raise EmlocError(f"{path} does not hold a JSON object; restore the file")
+    return data
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:

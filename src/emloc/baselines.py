@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, staged_output, versions, write_json
+from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, save_finite, staged_output, versions, write_json
 from .data import calibration_ids
 from .errors import EmlocError
-from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config,
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config, load_tokenizer,
                      parse_device, parse_dtype)
 from .stream import INPUT_SUMSQ, StreamedModel
 
@@ -72,7 +71,7 @@ class _ShardWriter:
         self.folder, self.weight_map, self.params = folder, {}, 0
 
     def __call__(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file(tensors, self.folder / fname, metadata={"format": "pt"})
+        save_finite(tensors, self.folder / fname)
         self.weight_map.update({k: fname for k in tensors})
         self.params += sum(v.numel() for v in tensors.values())
 
@@ -162,9 +161,7 @@ def _channels_kept(block: torch.nn.Module, producers: list[str], consumer: str, 
 def _prune_blocks(base_dir: Path, calibration: Path, cfg: Any, store: WeightStore, names: list[str], prefix: str,
                   n_blocks: int, producers: list[str], consumer: str, k: int, emit: _ShardWriter) -> dict[str, list[int]]:
     """Score, prune and write every block as the calibration pass streams past; return the kept channels."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir)
     ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)

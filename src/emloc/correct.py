@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -52,14 +53,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
-                        write_json)
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_json_object, read_manifest,
+                        save_finite, staged_output, versions, write_json)
 from .checkpoint import fault_point
 from .errors import EmlocError
-from .models import WeightStore, empty_model, load_config, resolve_model
+from .models import WeightStore, empty_model, load_config, load_tokenizer, open_safetensors, resolve_model
 from .stream import BATCH_TOKENS
 
 log = logging.getLogger("emloc")
@@ -93,6 +94,17 @@ class CorrectConfig:
     device: str = "auto"
     select_records: int = 32
 
+    def __post_init__(self) -> None:
+        """Settings fail here, before any file is read."""
+        if self.mode not in MODES:
+            raise EmlocError(f"unknown --mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.dtype not in ("float32", "float64"):
+            raise EmlocError(f"unknown --dtype {self.dtype!r} for the correction; use float32 or float64")
+        if self.clamp is not None and not self.clamp > 0:
+            raise EmlocError(f"--clamp must be positive or none (got {self.clamp})")
+        if self.select_records < 1:
+            raise EmlocError(f"--select-records must be at least 1 (got {self.select_records})")
+
 
 @dataclass
 class LayerCorrection:
@@ -117,8 +129,9 @@ def scaling(config: dict[str, Any], module: str, rank: int) -> float:
     """The LoRA scaling s of `module` from an adapter_config (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
     alpha = config.get("lora_alpha", 8)
     for pat, a in (config.get("alpha_pattern") or {}).items():
-        if module == pat or module.endswith("." + pat):
+        if re.match(rf"(.*\.)?({pat})$", module):  # PEFT's rule: a regex over the module name, first match wins
             alpha = a
+            break
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -228,7 +241,7 @@ def _check_adapter(adapter: Path) -> dict[str, Any]:
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
         raise EmlocError(f"{adapter} is not a PEFT adapter folder (needs adapter_config.json and {ADAPTER_WEIGHTS})")
-    config = json.loads(cfg_path.read_text())
+    config = read_json_object(cfg_path)
     if config.get("peft_type") != "LORA":
         raise EmlocError(f"adapter type {config.get('peft_type')} cannot be corrected; emloc corrects plain LoRA adapters")
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA with a trained bias")):
@@ -238,6 +251,14 @@ def _check_adapter(adapter: Path) -> dict[str, Any]:
         raise EmlocError("adapters with modules_to_save cannot be corrected; train LoRA only (no modules_to_save)")
     if config.get("fan_in_fan_out"):
         raise EmlocError("fan_in_fan_out adapters (Conv1D layers) cannot be corrected; emloc handles nn.Linear layers")
+    if config.get("bias", "none") != "none":
+        raise EmlocError(f"adapters with bias={config['bias']!r} train biases that emloc would drop; train with bias='none'")
+    if config.get("trainable_token_indices"):
+        raise EmlocError("adapters with trainable_token_indices train embedding rows that emloc would drop; train LoRA only")
+    with open_safetensors(adapter / ADAPTER_WEIGHTS) as f:
+        extra = [k for k in f.keys() if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if extra:  # embedding LoRA (lora_embedding_A/B), biases, trainable tokens, ...: not W + s B A on a linear layer
+        raise EmlocError(f"{adapter} holds {extra[0]}, which emloc cannot correct or merge; train LoRA on linear layers only")
     return config
 
 
@@ -250,8 +271,6 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     compressed ones, their statistics accumulated from the original's activations as the blocks
     stream past (`ProjectedStatistics`: m x r and r x r per layer).
     """
-    from transformers import AutoTokenizer
-
     from .data import calibration_ids
     from .emulator import load_layer
     from .models import parse_device, parse_dtype, parse_stats_dtype
@@ -265,7 +284,7 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     yield from ((m, None) for m in modules if m not in wanted)
     if not wanted:
         return
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir)
     ids = calibration_ids(data, tok, int(ecfg.get("samples", 64)), int(ecfg.get("max_length", 512)), int(ecfg.get("seed", 0)),
                           ecfg.get("calibration_tokens"))
     device = parse_device(cfg.device)
@@ -331,6 +350,15 @@ def _correct_tensors(mode: str, cfg: CorrectConfig, tensors: dict[str, torch.Ten
     return new, report
 
 
+def _check_foreign_adapter(acfg: dict[str, Any], emu_dir: Path) -> None:
+    """An adapter without emloc's manifest: its recorded model path must be this emulator, if it names an existing folder."""
+    named = Path(str(acfg.get("base_model_name_or_path") or "")).expanduser()
+    if named.is_dir() and named.resolve() != emu_dir.resolve():
+        raise EmlocError(f"the adapter was trained on {named}, not on the emulator {emu_dir}; pass --emulator {named}")
+    log.warning("the adapter has no emloc manifest (trained outside `emloc train`): its emulator's weights cannot be "
+                "verified by fingerprint; make sure %s was not rebuilt since it was trained", emu_dir)
+
+
 def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Path | None = None,
                     base: str | Path | None = None, config: CorrectConfig | None = None,
                     overwrite: bool = False) -> Path:
@@ -364,6 +392,8 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     if amanifest.get("trained_on_fingerprint") and amanifest["trained_on_fingerprint"] != emanifest.get("fingerprint"):
         raise EmlocError(f"the adapter was trained on a different emulator than {emu_dir} (fingerprint mismatch); "
                          "pass the emulator it was trained on")
+    if not amanifest.get("trained_on_fingerprint"):  # trained elsewhere (e.g. HF Trainer): PEFT records the model's path only
+        _check_foreign_adapter(acfg, emu_dir)
     base_dir = resolve_model(base or emanifest["base"])
     if fingerprint(base_dir) != emanifest["base_fingerprint"]:
         raise EmlocError(f"{base_dir} is not the base model the emulator was built from (fingerprint mismatch); "
@@ -408,7 +438,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
 
         new = to_original(new, emanifest)
     with staged_output(out_path, overwrite, inputs) as tmp:
-        save_file({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        save_finite({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS)
         fault_point("correct_write", 1)
         acfg["base_model_name_or_path"] = str(base_dir)
         (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .errors import EmlocError
 
 IGNORE = -100
 FORMATS = ("prompt_completion", "messages", "text")
+log = logging.getLogger("emloc")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -34,18 +36,21 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise EmlocError(f"data file {path} does not exist; give a JSONL file (one JSON object per line)")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is tolerated
+    except UnicodeDecodeError as exc:
+        raise EmlocError(f"{path} is not UTF-8 text (byte {exc.start}); save the data as UTF-8 JSONL") from None
     records = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise EmlocError(f"{path} line {i} is not valid JSON; the data must be JSONL (one JSON object per line)") from None
-            if not isinstance(rec, dict):
-                raise EmlocError(f"{path} line {i} is not a JSON object; each line must be an object like {{\"prompt\": ..., \"completion\": ...}}")
-            records.append(rec)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise EmlocError(f"{path} line {i} is not valid JSON; the data must be JSONL (one JSON object per line)") from None
+        if not isinstance(rec, dict):
+            raise EmlocError(f"{path} line {i} is not a JSON object; each line must be an object like {{\"prompt\": ..., \"completion\": ...}}")
+        records.append(rec)
     if not records:
         raise EmlocError(f"data file {path} is empty; it needs at least one JSON record")
     fmt = detect_format(records[0], f"{path} line 1")
@@ -89,11 +94,34 @@ class Example:
     answer: str | None
 
 
+def content_text(content: Any) -> str:
+    """A message's text: a string, or TRL's list of content parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise EmlocError(f"a message content part of type {kind!r} is not text; this model takes text messages only")
+            parts.append(part["text"])
+        return "".join(parts)
+    return str(content)
+
+
 def _chat(tok, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
     if getattr(tok, "chat_template", None) is None:
         raise EmlocError("the data uses chat messages but the model's tokenizer has no chat template; use prompt/completion strings instead")
-    msgs = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+    msgs = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _prefix_of(prefix: str, full: str) -> str:
+    """`prefix`, checked to be how `full` starts: answer spans are located by rendering growing prefixes."""
+    if not full.startswith(prefix):
+        raise EmlocError("the chat template renders earlier turns differently once later turns follow (it rewrites the "
+                         "conversation), so the answer tokens cannot be located; give prompt/completion strings instead")
+    return prefix
 
 
 def _spans(rec: dict[str, Any], fmt: str, tok) -> tuple[str, list[tuple[int, int]]]:
@@ -106,8 +134,8 @@ def _spans(rec: dict[str, Any], fmt: str, tok) -> tuple[str, list[tuple[int, int
             eos = tok.eos_token or ""
             return p + c + eos, [(len(p), len(p) + len(c) + len(eos))]
         if isinstance(p, list) and isinstance(c, list):
-            prefix = _chat(tok, p, True)
             full = _chat(tok, p + c, False)
+            prefix = _prefix_of(_chat(tok, p, True), full)
             return full, [(len(prefix), len(full))]
         raise EmlocError("'prompt' and 'completion' must both be strings or both be lists of messages")
     msgs = rec["messages"]
@@ -116,8 +144,8 @@ def _spans(rec: dict[str, Any], fmt: str, tok) -> tuple[str, list[tuple[int, int
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_chat(tok, msgs[:i], True)) if i else 0
-        end = len(_chat(tok, msgs[: i + 1], False))
+        start = len(_prefix_of(_chat(tok, msgs[:i], True), full)) if i else 0
+        end = len(_prefix_of(_chat(tok, msgs[: i + 1], False), full))
         spans.append((start, end))
     return full, spans
 
@@ -143,19 +171,25 @@ def encode(rec: dict[str, Any], tok, max_length: int) -> Example:
         last = spans[-1][0]
         prompt_len = next((j for j, (a, b) in enumerate(offsets) if b > a and a >= last), len(ids))
         if fmt == "messages":
-            answer = str(rec["messages"][-1]["content"]) if rec["messages"][-1]["role"] == "assistant" else None
+            answer = content_text(rec["messages"][-1]["content"]) if rec["messages"][-1]["role"] == "assistant" else None
         else:
             c = rec["completion"]
-            answer = c if isinstance(c, str) else str(c[-1]["content"])
+            answer = c if isinstance(c, str) else content_text(c[-1]["content"])
     return Example(ids, labels, prompt_len, answer)
 
 
 def load_examples(path: str | Path, tok, max_length: int) -> list[Example]:
-    """Read a JSONL file and tokenise every record; drops records left with no answer tokens."""
+    """Read a JSONL file and tokenise every record; skips (and reports) records left with no answer token to predict.
+
+    A label at position 0 is never predicted (nothing precedes it), so it does not count.
+    """
     out = [encode(r, tok, max_length) for r in read_jsonl(path)]
-    kept = [e for e in out if any(t != IGNORE for t in e.labels)]
+    kept = [e for e in out if any(t != IGNORE for t in e.labels[1:])]
     if not kept:
         raise EmlocError(f"no record in {path} has answer tokens within --max-length {max_length}; raise --max-length")
+    if len(kept) < len(out):
+        log.warning("%d of %d records in %s have no answer token within --max-length %d and are skipped; raise --max-length "
+                    "to keep them", len(out) - len(kept), len(out), path, max_length)
     return kept
 
 

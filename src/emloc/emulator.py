@@ -14,6 +14,7 @@ m > n, one eigendecomposition of the n x n input Gram serves every layer reading
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -22,20 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
-                        write_json)
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, save_finite, staged_output,
+                        versions, write_json)
 from .checkpoint import fault_point
 from .data import calibration_ids, read_jsonl
 from .errors import EmlocError
 from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
                       rank_for_ratio, saves_parameters)
-from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, materialize,
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, load_tokenizer, materialize,
                      parse_device, parse_dtype, parse_stats_dtype, resolve_model)
-from .quant import (BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn,
-                    weighted_error)
+from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn, weighted_error
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
 
 log = logging.getLogger("emloc")
@@ -112,6 +111,29 @@ class EmulatorConfig:
     allocation: str = "uniform"
     quant_format: str = "auto"
     rounding: str = "gptq"
+
+    def __post_init__(self) -> None:
+        """Settings fail here, before any file is read."""
+        _rules(self.ratio)
+        for flag, value in {"--samples": self.samples, "--max-length": self.max_length, "--batch-tokens": self.batch_tokens,
+                            "--calibration-tokens": self.calibration_tokens or 1}.items():
+            if value < 1:
+                raise EmlocError(f"{flag} must be at least 1 (got {value})")
+        if not (self.eig_floor > 0 and math.isfinite(self.eig_floor)):
+            raise EmlocError(f"--eig-floor must be positive (got {self.eig_floor}); a zero floor divides by the zero "
+                             "eigenvalues of rank-deficient statistics")
+        choices = {"method": (self.method, METHODS), "rounding": (self.rounding, ROUNDINGS),
+                   "allocation": (self.allocation, ALLOCATIONS), "quant-format": (self.quant_format, ("auto", *FORMATS))}
+        for flag, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise EmlocError(f"unknown --{flag} {value!r}; use one of {', '.join(allowed)}")
+        parse_stats_dtype(self.stats_dtype)
+        parse_dtype(self.dtype, torch.device("cpu"))
+        if self.targets:
+            try:
+                re.compile(self.targets)
+            except re.error as exc:
+                raise EmlocError(f"--targets {self.targets!r} is not a valid regular expression ({exc}); fix the pattern") from None
 
 
 def _rules(ratio: float | list[tuple[str, float | None]]) -> list[tuple[re.Pattern, float | None]]:
@@ -249,6 +271,13 @@ def _checked_weight(store: WeightStore, name: str, device: torch.device, dtype: 
     return w
 
 
+def _check_statistics(name: str, trace: torch.Tensor | float) -> None:
+    """A layer with all-zero (or non-finite) statistics never saw the calibration data: its whitening would divide by ~0."""
+    if not float(trace) > 0:
+        raise EmlocError(f"{name} received no calibration input (its statistics are zero or not finite): the model's "
+                         "forward never reaches it; exclude it with --targets")
+
+
 def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: WeightStore, device: torch.device,
              stats_dtype: torch.dtype, cfg: EmulatorConfig) -> Iterator[tuple[str, Spectrum, torch.Tensor | None]]:
     """Run the block on the calibration batches, then yield (layer, spectrum, plain SVD's Gram) one layer at a time.
@@ -271,6 +300,7 @@ def _spectra(step: BlockPass, compressed: dict[str, dict[str, Any]], store: Weig
     eigs: list = []
     for rel, side in sides.items():
         st = stats.pop(rel)
+        _check_statistics(step.prefix + rel, st.input_trace if side == OUTPUT_GRAM else torch.trace(st.input_gram))
         if side == OUTPUT_GRAM:
             yield rel, output_spectrum(weight(rel), st.output_gram, st.input_trace, cfg.eig_floor), None
         else:
@@ -330,6 +360,7 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
     layers: dict[str, dict[str, Any]] = {}
     for rel, p in compressed.items():
         gram = stats.pop(rel).input_gram
+        _check_statistics(step.prefix + rel, torch.trace(gram))
         w = _checked_weight(store, step.prefix + rel, device, stats_dtype)
         fmt = FORMATS[p["format"]]
         codes, scales = quantize_gptq(w, gram, fmt) if cfg.rounding == "gptq" else quantize_rtn(w, fmt)
@@ -371,8 +402,6 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     Returns:
         The emulator folder, loadable with `load_emulator`.
     """
-    from transformers import AutoTokenizer
-
     cfg = config or EmulatorConfig()
     watch = Stopwatch()
     rules = _rules(cfg.ratio)
@@ -406,7 +435,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     dtype = parse_dtype(cfg.dtype, device)
 
     # Calibration data: seeded draw, optionally extended to a token target.
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir)
     records = read_jsonl(calibration)
     if cfg.samples < 1:
         raise EmlocError(f"--samples must be at least 1 (got {cfg.samples})")
@@ -435,7 +464,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             layers.update(_compress_block(step, plan, stream.store, device, dtype, stats_dtype, cfg))
             fname = f"model-{step.index + 1:05d}-of-{n_files:05d}.safetensors"
             tensors = {step.prefix + k: v.detach().to("cpu").contiguous() for k, v in step.block.state_dict().items()}
-            save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            save_finite(tensors, tmp / fname)
             weight_map.update({k: fname for k in tensors})
             del tensors
             fault_point("build_block", step.index + 1)
@@ -443,7 +472,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
                 if not name.startswith(prefix)}
-        save_file(rest, tmp / rest_file, metadata={"format": "pt"})
+        save_finite(rest, tmp / rest_file)
         weight_map.update({k: rest_file for k in rest})
         write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         shutil.copy2(base_dir / "config.json", tmp / "config.json")

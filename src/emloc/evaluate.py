@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import Stopwatch, check_output_file, peak_memory_mb, staged_file, to_jsonable, write_json
+from .artifacts import Stopwatch, check_output_file, peak_memory_mb, read_json_object, staged_file, to_jsonable, write_json
 from .data import collate, load_examples, sample
 from .errors import EmlocError
+from .models import load_tokenizer
 from .loss import answer_nll
 
 
@@ -44,6 +45,19 @@ class EvalConfig:
     dtype: str = "auto"
     quantize: str = "none"
 
+    def __post_init__(self) -> None:
+        """Settings fail here, before any file is read."""
+        from .models import parse_dtype
+        from .train import QUANTIZE
+
+        for flag, value in {"--samples": self.samples or 1, "--max-length": self.max_length, "--batch-size": self.batch_size,
+                            "--em-max-answer-tokens": self.em_max_answer_tokens}.items():
+            if value < 1:
+                raise EmlocError(f"{flag} must be at least 1 (got {value})")
+        if self.quantize not in QUANTIZE:
+            raise EmlocError(f"unknown --quantize {self.quantize!r}; use one of {', '.join(QUANTIZE)}")
+        parse_dtype(self.dtype, torch.device("cpu"))
+
 
 def normalize(text: str) -> str:
     """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD-style)."""
@@ -64,6 +78,7 @@ def load_for_eval(model: str | Path, adapter: str | Path | None, device: str, dt
         a = Path(adapter).expanduser()
         if not (a / "adapter_config.json").is_file():
             raise EmlocError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
+        read_json_object(a / "adapter_config.json")
         net = PeftModel.from_pretrained(net, a)
     net.eval()
     return net
@@ -85,15 +100,13 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     Returns:
         {"nll", "ppl", "answer_tokens", "records", "exact_match", "em_records", ...}.
     """
-    from transformers import AutoTokenizer
-
     cfg = config or EvalConfig()
     watch = Stopwatch()
     if output is not None:
         check_output_file(output, overwrite, (model, data, adapter))
     net = load_for_eval(model, adapter, cfg.device, cfg.dtype, cfg.quantize)
     device = next(net.parameters()).device
-    tok = AutoTokenizer.from_pretrained(_model_dir(net))
+    tok = load_tokenizer(_model_dir(net))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     examples = load_examples(data, tok, cfg.max_length)
     if cfg.samples:

