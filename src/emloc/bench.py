@@ -137,7 +137,7 @@ PRESETS: dict[str, BenchConfig] = {
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     # on two CPU cores a Qwen row costs ~3x a SmolLM2 row (NF4 and QLoRA more): the headline rows only
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", steps=50, auto_correction=False, seeds=(0,), eval_samples=64, dtype="bfloat16",
-                               methods=("quant",), ratios=(0.5,), qlora=False, checkpointing=False, clamps=(),
+                               methods=("quant",), ratios=(0.5,), qlora=True, checkpointing=False, clamps=(),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
 }

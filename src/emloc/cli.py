@@ -189,6 +189,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         cfg = dataclasses.replace(cfg, task=ns.task)
     if ns.data:
         cfg = dataclasses.replace(cfg, data=ns.data, eval_data=ns.eval_data)
+    if ns.base:
+        cfg = dataclasses.replace(cfg, base=ns.base)
     out = ns.output or f"bench-{ns.preset}"
     run_bench(out, cfg, command="emloc " + " ".join(ns.argv), report_only=ns.report_only)
 
@@ -262,6 +264,7 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--report-only", action="store_true", help="write the report from the finished rows; run nothing")
     bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match) or chatterbot-en "
                     "(default: the preset's)")
+    bn.add_argument("--base", help="model folder or packaged name to benchmark (default: the preset's)")
     bn.add_argument("--data", help="JSONL training data (default: the embedded task)")
     bn.add_argument("--eval-data", help="JSONL held-out data")
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda")
