@@ -548,7 +548,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", "Spread over seeds (mean ± sample standard deviation, min..max):", "",
                   "| method | ratio | seeds | held-out NLL | recovered | exact match |", "|---|---|---|---|---|---|"]
         for x in spread:
-            rec = (f"{x['recovered_mean']:.0%} ± {x['recovered_std']:.0%} ({x['recovered_min']:.0%}..{x['recovered_max']:.0%})"
+            rec = (f"{x['recovered_mean']:.1%} ± {x['recovered_std']:.1%} ({x['recovered_min']:.1%}..{x['recovered_max']:.1%})"
                    if x.get("recovered_mean") is not None else "-")
             em = f"{x['exact_match_mean']:.3f} ± {x['exact_match_std']:.3f}" if x.get("exact_match_mean") is not None else "-"
             lines.append(f"| {x['method']} | {x['ratio'] if x['ratio'] is not None else '-'} | {x['seeds']} | "
