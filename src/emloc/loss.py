@@ -20,10 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
+from .families import family_of
 
-# Config attributes of families that post-process logits after the head (soft-capping, scaling);
-# for them the hidden-state shortcut would be wrong, so the model computes full logits instead.
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -37,7 +35,7 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     inner = _unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     cfg = getattr(base, "config", None)
-    if cfg is not None and any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in LOGIT_POSTPROCESSING):
+    if cfg is not None and family_of(cfg).post_processes_logits(cfg):  # the shortcut would be wrong: full logits
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):  # absent, or LoRA'd itself

@@ -1,8 +1,7 @@
 """Finding, converting and reading models without loading them whole.
 
-Architecture knowledge lives in data: `PACKAGED_MODELS` (models that ship inside PyPI packages) and
-`BLOCKS_BY_MODEL_TYPE` (where the transformer blocks are, for families where the generic search
-needs help). Everything else is discovered from the module tree.
+Architecture knowledge lives in data: `PACKAGED_MODELS` (models that ship inside PyPI packages) here,
+and the family table (`emloc.families`: how to build a kind of model, where its blocks are).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import EmlocError
+from .families import CAUSAL_LM, family_of
 
 
 def cache_dir() -> Path:
@@ -67,10 +67,6 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
-
-# Where the repeated blocks live, for model types where "the largest ModuleList of identical
-# modules" would pick the wrong one (e.g. a vision tower larger than the language model).
-BLOCKS_BY_MODEL_TYPE: dict[str, str] = {}
 
 
 def _package_dir(name: str) -> Path | None:
@@ -169,13 +165,13 @@ def _convert_packaged(name: str) -> Path:
 
 
 def _convert(spec: PackagedModel, name: str, target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .artifacts import staged_output
 
     with staged_output(target, overwrite=True) as tmp:
         gguf = _assemble_gguf(spec, tmp)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = CAUSAL_LM.load(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)  # packaged models are LMs
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # GGUF-loaded models are flagged as quantised and refuse to save; the weights are already
         # dequantised to fp32, so the flag can be dropped.
@@ -204,19 +200,10 @@ def load_config(folder: Path):
 def empty_model(config) -> nn.Module:
     """Build a model from its config with parameters on the meta device (no memory, no init).
 
-    Buffers (e.g. rotary frequencies, which checkpoints do not store) are created for real.
+    Buffers (e.g. rotary frequencies, which checkpoints do not store) are created for real. The
+    family table (`emloc.families`) says which Auto class builds it.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError as exc:
-            raise EmlocError(f"{config.model_type!r} is not a causal language model that transformers can build: {exc}") from None
-    # Tie now, so that tied parameters appear once in named_parameters() and are read once.
-    model.tie_weights()
-    return model
+    return family_of(config).skeleton(config)
 
 
 def open_safetensors(path: Path):
@@ -344,30 +331,12 @@ class WeightStore:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Find the transformer blocks: the ModuleList of identical modules holding the most parameters.
+    """The transformer blocks to compress, as the model's family says (see `emloc.families`).
 
     Returns:
         (dotted name of the ModuleList, the ModuleList).
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in BLOCKS_BY_MODEL_TYPE:
-        name = BLOCKS_BY_MODEL_TYPE[model_type]
-        return name, model.get_submodule(name)  # type: ignore[return-value]
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
-            continue
-        size = sum(p.numel() for p in mod.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, mod)
-    if best is None:
-        raise EmlocError("found no transformer blocks built of nn.Linear layers in this model (e.g. GPT-2 uses Conv1D); "
-                         "emloc compresses nn.Linear layers only, so use a model whose blocks have them")
-    return best[1], best[2]
+    return family_of(getattr(model, "config", None)).find_blocks(model)
 
 
 def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

@@ -327,7 +327,7 @@ def model_shape(model: Any) -> ModelShape:
     The model is built on the meta device; no weight is read. With a folder, the largest
     *.safetensors file size is recorded for the merge estimate.
     """
-    from .loss import LOGIT_POSTPROCESSING
+    from .families import family_of
     from .models import block_linears, empty_model, find_blocks
 
     config, folder = _read_config(model)
@@ -356,8 +356,7 @@ def model_shape(model: Any) -> ModelShape:
                       vocab=int(text.vocab_size), total_params=total, nonblock_params=total - sum(block_sizes),
                       block_params=max(block_sizes), linears=linears,
                       largest_tensor=max(params.values()), checkpoint_bytes=DTYPE_BYTES.get(ckpt_name or ""),
-                      shard_bytes=shard, full_logits=any(getattr(text, a, None) not in (None, 1, 1.0)
-                                                         for a in LOGIT_POSTPROCESSING),
+                      shard_bytes=shard, full_logits=family_of(config).post_processes_logits(text),
                       tied=tied, embedding_rows=int(embed.weight.shape[0]))
 
 

@@ -33,7 +33,8 @@ from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint
 from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
-from .models import block_linears, find_blocks, load_tokenizer, parse_device, parse_dtype, resolve_model
+from .families import family_of
+from .models import block_linears, find_blocks, load_config, load_tokenizer, parse_device, parse_dtype, resolve_model
 from .sharding import load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state, shard_model
 
 log = logging.getLogger("emloc")
@@ -155,8 +156,6 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quan
     `quantize="nf4"` loads a model folder as QLoRA does: every linear but the output head in bitsandbytes' 4-bit
     NormalFloat (blocks of 64, no double quantisation), computing in `dtype`.
     """
-    from transformers import AutoModelForCausalLM
-
     from .emulator import is_emulator, load_emulator
 
     if quantize not in QUANTIZE:
@@ -169,21 +168,19 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quan
     dev = parse_device(device)
     if quantize == "nf4":
         return _load_nf4(folder, dev, parse_dtype(dtype, dev))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype, dev)).to(dev)
+    model = family_of(load_config(folder)).load(folder, dtype=parse_dtype(dtype, dev)).to(dev)
     model.eval()
     return model
 
 
 def _load_nf4(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     try:
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise EmlocError("--quantize nf4 needs bitsandbytes; pip install 'emloc[qlora]'") from None
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype, device_map={"": str(device)})
+    model = family_of(load_config(folder)).load(folder, quantization_config=q, dtype=dtype, device_map={"": str(device)})
     model.eval()
     return model
 
@@ -206,14 +203,14 @@ def lora_config(model: nn.Module, cfg: TrainConfig):
             raise EmlocError(f"--init-adapter {cfg.init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
         a = read_json_object(f)
         return LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=cfg.dropout, use_rslora=a.get("use_rslora", False),
-                          target_modules=a["target_modules"], bias="none", task_type="CAUSAL_LM")
+                          target_modules=a["target_modules"], bias="none", task_type=family_of(model.config).task_type)
     if cfg.rank < 1:
         raise EmlocError(f"--rank must be at least 1 (got {cfg.rank})")
     targets: Any = cfg.targets or default_targets(model)
     if cfg.targets and "," in cfg.targets:
         targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type=family_of(model.config).task_type)
 
 
 def _load_initial(peft_model: nn.Module, folder: Path) -> None:

@@ -1,0 +1,103 @@
+"""Model families as data: what each stage needs to know about a kind of model, in one table.
+
+A `Family` says how to build a model of that kind (its transformers Auto class), which stack of
+blocks holds the layers to compress (a fixed path, or the generic search: the `nn.ModuleList` of
+identical modules holding the most parameters), the PEFT task type of its LoRA, and the config
+attributes under which its logits are post-processed after the output head (where the loss's
+hidden-state shortcut would be wrong). Stages ask `family_of(config)` and never test model types;
+a new kind of model is a new entry, and a model type whose blocks the generic search would get
+wrong is one line in `BY_MODEL_TYPE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .errors import EmlocError
+
+# Config attributes of families that post-process logits after the head (soft-capping, scaling).
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Facts about one kind of model.
+
+    Attributes:
+        name: short name, recorded in manifests.
+        auto_class: the transformers Auto class that builds and loads it.
+        task_type: PEFT task type of its LoRA.
+        blocks: dotted path of the block stack to compress, or None for the generic search.
+        logit_postprocessing: config attributes that, when set to anything but 1, post-process the
+            logits after the head (the loss then computes full logits).
+    """
+
+    name: str
+    auto_class: str
+    task_type: str
+    blocks: str | None = None
+    logit_postprocessing: tuple[str, ...] = LOGIT_POSTPROCESSING
+
+    def auto(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def skeleton(self, config) -> nn.Module:
+        """The model with parameters on the meta device (no memory, no init); buffers are real."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            try:
+                model = self.auto().from_config(config)
+            except ValueError as exc:
+                raise EmlocError(f"{config.model_type!r} is not a model that transformers can build as "
+                                 f"{self.auto_class}: {exc}") from None
+        model.tie_weights()  # tied parameters then appear once in named_parameters() and are read once
+        return model
+
+    def load(self, folder, **kwargs: Any) -> nn.Module:
+        return self.auto().from_pretrained(folder, **kwargs)
+
+    def find_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """(dotted name, module list) of the blocks to compress."""
+        if self.blocks is not None:
+            return self.blocks, model.get_submodule(self.blocks)  # type: ignore[return-value]
+        return _largest_block_stack(model)
+
+    def post_processes_logits(self, config) -> bool:
+        return any(getattr(config, a, None) not in (None, 1, 1.0) for a in self.logit_postprocessing)
+
+
+def _largest_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of identical modules (with nn.Linear layers) holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, mod)
+    if best is None:
+        raise EmlocError("found no transformer blocks built of nn.Linear layers in this model (e.g. GPT-2 uses Conv1D); "
+                         "emloc compresses nn.Linear layers only, so use a model whose blocks have them")
+    return best[1], best[2]
+
+
+CAUSAL_LM = Family("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM")
+
+# Model types whose facts differ from their kind's defaults (e.g. blocks the generic search would
+# miss because another stack is larger); empty while every supported type is found generically.
+BY_MODEL_TYPE: dict[str, Family] = {}
+
+
+def family_of(config) -> Family:
+    """The family of a model config (its `model_type`); causal LMs are the default kind."""
+    return BY_MODEL_TYPE.get(getattr(config, "model_type", None) or "", CAUSAL_LM)
