@@ -30,6 +30,7 @@ from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_mem
 from .checkpoint import fault_point
 from .data import calibration_ids, read_jsonl
 from .errors import EmlocError
+from .families import family_of
 from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
                       rank_for_ratio, saves_parameters)
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, load_tokenizer, materialize,
@@ -487,6 +488,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             "base": str(base_dir),
             "base_fingerprint": fingerprint(base_dir),
             "fingerprint": fingerprint(tmp),
+            "family": family_of(model.config).name,
             "blocks": stream.blocks_name,
             "config": cfg,
             "calibration": {"file": str(Path(calibration).expanduser().resolve()), "samples": len(ids),
