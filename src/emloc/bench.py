@@ -68,6 +68,8 @@ class BenchConfig:
             of the last K blocks, with exact gradients; and the control, LoRA on the original's last
             K blocks alone from scratch for the same steps.
         refine_methods: the emulator methods whose adapters get refinement rows (empty: all).
+        rtn_ratios: ratios at which the `quant` emulator is also built with round-to-nearest instead
+            of GPTQ (an ablation: what GPTQ's error feedback is worth, against the correction's share).
         smaller: a smaller model of the same family to train with LoRA, or None. With it, the
             comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
             before LoRA on the original, which is over the budget by design.
@@ -106,6 +108,7 @@ class BenchConfig:
     auto_correction: bool = True
     refine_blocks: int = 0
     refine_methods: tuple[str, ...] = ()
+    rtn_ratios: tuple[float, ...] = ()
     smaller: str | None = None
     stats_dtype: str = "float64"
     dtype: str = "auto"
@@ -133,7 +136,7 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     # on two CPU cores a Qwen row costs ~3x a SmolLM2 row (NF4 and QLoRA more): the headline rows only
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", steps=50, auto_correction=False, seeds=(0,), eval_samples=64, dtype="bfloat16",
@@ -295,7 +298,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                 f"adapter-{q}-s{first}", str(r.build(f"emulator-{q}", base, train_f, q, cfg.samples)), train_f, eval_f, first), c)),
             correct=work / f"corrected-{q}-L{n}")))
 
-    def ablation(tag: str, label: str, samples: int, *flags: str, calibration: str | None = None):
+    def ablation(tag: str, label: str, samples: int, *flags: str, calibration: str | None = None, q: float = q):
         def go() -> list[dict[str, Any]]:
             emu = r.build(f"emulator-{q}-{tag}", base, calibration or train_f, q, samples, *flags)
             ad = r.train(f"adapter-{q}-{tag}", str(emu), train_f, eval_f, first)
@@ -305,6 +308,9 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                     _row(f"ablation: {label}, uncorrected", q, first, r.eval(f"uncorrected-{q}-{tag}", base, eval_f, ad),
                          build=emu, train=ad)]
         return go
+    for rq in cfg.rtn_ratios:  # GPTQ's share: the same quantised emulator rounded to nearest
+        jobs.append((f"rtn-{rq}", ablation("rtn", "quant rounded to nearest (no GPTQ)", cfg.samples, "--method", "quant",
+                                           "--rounding", "rtn", q=rq)))
     if cfg.energy_allocation:
         jobs.append(("energy-allocation", ablation("energy", "energy rank allocation", cfg.samples, "--allocation", "energy")))
     if cfg.plain_svd:
