@@ -15,7 +15,8 @@ from .conftest import make_data
 def test_two_processes_match_one(tmp_path, tiny_emulator):
     data = make_data(tmp_path / "d.jsonl", 40)
     common = ["train", "--model", str(tiny_emulator), "--data", str(data), "--steps", "4", "--batch-size", "8",
-              "--micro-batch-size", "2", "--lr", "0.01", "--eval-every", "2", "--device", "cpu"]
+              "--micro-batch-size", "2", "--lr", "0.01", "--eval-every", "2", "--device", "cpu",
+              "--save-every", "2"]  # a checkpoint mid-run: its gathering must not hang or change the result
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "emloc.cli", "-q", *common, "--output", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
