@@ -31,6 +31,9 @@ class Family:
         auto_class: the transformers Auto class that builds and loads it.
         task_type: PEFT task type of its LoRA.
         blocks: dotted path of the block stack to compress, or None for the generic search.
+        search_in: where the generic search looks: `model` (everywhere) or `decoder` (inside
+            `model.get_decoder()`: a vision-language model's language model, whose blocks the vision
+            tower may outweigh).
         logit_postprocessing: config attributes that, when set to anything but 1, post-process the
             logits after the head (the loss then computes full logits).
     """
@@ -39,6 +42,7 @@ class Family:
     auto_class: str
     task_type: str
     blocks: str | None = None
+    search_in: str = "model"
     logit_postprocessing: tuple[str, ...] = LOGIT_POSTPROCESSING
 
     def auto(self) -> Any:
@@ -66,6 +70,11 @@ class Family:
         """(dotted name, module list) of the blocks to compress."""
         if self.blocks is not None:
             return self.blocks, model.get_submodule(self.blocks)  # type: ignore[return-value]
+        if self.search_in == "decoder":
+            decoder = model.get_decoder()
+            path = next(n for n, m in model.named_modules() if m is decoder)
+            name, blocks = _largest_block_stack(decoder)
+            return f"{path}.{name}", blocks
         return _largest_block_stack(model)
 
     def post_processes_logits(self, config) -> bool:
@@ -92,6 +101,9 @@ def _largest_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 CAUSAL_LM = Family("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM")
+# Llava, Qwen2-VL, Idefics3/SmolVLM, Gemma3, InternVL...: a vision tower, a projector and a language
+# model; only the language model's blocks are compressed and LoRA'd by default.
+IMAGE_TEXT = Family("image-text-to-text", "AutoModelForImageTextToText", "CAUSAL_LM", search_in="decoder")
 
 # Model types whose facts differ from their kind's defaults (e.g. blocks the generic search would
 # miss because another stack is larger); empty while every supported type is found generically.
@@ -99,5 +111,11 @@ BY_MODEL_TYPE: dict[str, Family] = {}
 
 
 def family_of(config) -> Family:
-    """The family of a model config (its `model_type`); causal LMs are the default kind."""
-    return BY_MODEL_TYPE.get(getattr(config, "model_type", None) or "", CAUSAL_LM)
+    """The family of a model config: an entry for its `model_type`, else its kind (a config with a
+    vision and a text part is a vision-language model), else a causal LM."""
+    entry = BY_MODEL_TYPE.get(getattr(config, "model_type", None) or "")
+    if entry is not None:
+        return entry
+    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        return IMAGE_TEXT
+    return CAUSAL_LM

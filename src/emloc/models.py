@@ -405,8 +405,11 @@ def parse_device(name: str | None) -> torch.device:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer and generation files so an output folder is self-contained."""
-    pattern = re.compile(r"(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|.*\.model|generation_config\.json|chat_template.*)$")
+    """Copy tokenizer, processor and generation files so an output folder is self-contained
+    (a vision-language model's `preprocessor_config.json` / `processor_config.json` included, so
+    `AutoProcessor.from_pretrained` works on it offline)."""
+    pattern = re.compile(r"(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|.*\.model|generation_config\.json"
+                         r"|chat_template.*|preprocessor_config\.json|processor_config\.json|video_preprocessor_config\.json)$")
     for p in src.iterdir():
         if p.is_file() and pattern.match(p.name):
             shutil.copy2(p, dst / p.name)
