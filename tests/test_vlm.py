@@ -4,6 +4,7 @@ and the adapters load with plain PEFT on `AutoModelForImageTextToText` (text cal
 image records are not supported yet)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,39 @@ def test_lora_targets_the_llm_and_the_corrected_adapter_loads_with_plain_peft(tm
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, peft(**batch).logits, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+_SIGLIP = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8)
+VLM_CONFIGS = {  # each vision tower has more block parameters than its language model
+    "qwen2_vl": dict(text_config=dict(model_type="qwen2_vl_text", **_TEXT),
+                     vision_config=dict(depth=4, embed_dim=48, hidden_size=32, num_heads=4, mlp_ratio=2)),
+    "qwen2_5_vl": dict(text_config=dict(model_type="qwen2_5_vl_text", **_TEXT),
+                       vision_config=dict(depth=4, hidden_size=48, out_hidden_size=32, num_heads=4, intermediate_size=96)),
+    "idefics3": dict(text_config=dict(model_type="llama", **_TEXT), vision_config=_SIGLIP),
+    "smolvlm": dict(text_config=dict(model_type="llama", **_TEXT), vision_config=_SIGLIP),
+    "gemma3": dict(text_config=dict(model_type="gemma3_text", head_dim=8, **_TEXT),
+                   vision_config=dict(model_type="siglip_vision_model", **_SIGLIP), mm_tokens_per_image=4),
+    "internvl": dict(text_config=dict(model_type="qwen2", **_TEXT),
+                     vision_config=dict(_SIGLIP, image_size=[32, 32], patch_size=[8, 8])),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(VLM_CONFIGS))
+def test_block_resolution_picks_the_language_model(model_type):
+    from transformers import AutoConfig
+
+    from emloc.families import IMAGE_TEXT, family_of
+    from emloc.models import empty_model, find_blocks
+    from emloc.train import default_targets
+
+    cfg = AutoConfig.for_model(model_type, **VLM_CONFIGS[model_type])
+    assert family_of(cfg) is IMAGE_TEXT
+    model = empty_model(cfg)
+    name, blocks = find_blocks(model)
+    decoder = model.get_decoder()
+    assert any(b is blocks for b in decoder.modules()) and len(blocks) == 2  # inside the language model
+
+    pattern = re.compile(default_targets(model))  # LoRA's default targets: the language model's linears only
+    hits = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
+    assert hits and all(n.startswith(name + ".") for n in hits)
