@@ -12,6 +12,8 @@ from emloc.cli import main
 
 from .conftest import make_data, make_model_dir
 
+pytestmark = pytest.mark.slow
+
 
 def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     out = tmp_path / "bench"

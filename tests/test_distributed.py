@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from .conftest import make_data
 
+pytestmark = pytest.mark.slow
+
 
 def test_two_processes_match_one(tmp_path, tiny_emulator):
     data = make_data(tmp_path / "d.jsonl", 40)
