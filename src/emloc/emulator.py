@@ -33,8 +33,8 @@ from .errors import EmlocError
 from .families import family_of
 from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
                       rank_for_ratio, saves_parameters)
-from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, load_config, load_tokenizer, materialize,
-                     parse_device, parse_dtype, parse_stats_dtype, resolve_model)
+from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, load_config, load_tokenizer,
+                     materialize, parse_device, parse_dtype, parse_stats_dtype, resolve_model)
 from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn, weighted_error
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
 
@@ -130,11 +130,7 @@ class EmulatorConfig:
                 raise EmlocError(f"unknown --{flag} {value!r}; use one of {', '.join(allowed)}")
         parse_stats_dtype(self.stats_dtype)
         parse_dtype(self.dtype, torch.device("cpu"))
-        if self.targets:
-            try:
-                re.compile(self.targets)
-            except re.error as exc:
-                raise EmlocError(f"--targets {self.targets!r} is not a valid regular expression ({exc}); fix the pattern") from None
+        check_targets(self.targets, lists=False)
 
 
 def _rules(ratio: float | list[tuple[str, float | None]]) -> list[tuple[re.Pattern, float | None]]:

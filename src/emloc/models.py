@@ -392,6 +392,15 @@ def parse_stats_dtype(name: str) -> torch.dtype:
     return STATS_DTYPES[name]
 
 
+def check_targets(targets: str | None, lists: bool = True) -> None:
+    """Refuse a `--targets` regex that does not compile (with `lists`, a comma-separated list of names is taken literally)."""
+    if targets and not (lists and "," in targets):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise EmlocError(f"--targets {targets!r} is not a valid regular expression ({exc}); fix the pattern") from None
+
+
 def parse_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

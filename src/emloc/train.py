@@ -34,7 +34,7 @@ from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
 from .families import family_of
-from .models import block_linears, find_blocks, load_config, load_tokenizer, parse_device, parse_dtype, resolve_model
+from .models import block_linears, check_targets, find_blocks, load_config, load_tokenizer, parse_device, parse_dtype, resolve_model
 from .sharding import load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state, shard_model
 
 log = logging.getLogger("emloc")
@@ -139,15 +139,6 @@ class TrainConfig:
 
 
 QUANTIZE = ("none", "nf4")
-
-
-def check_targets(targets: str | None) -> None:
-    """Refuse a `--targets` regex that does not compile (a comma-separated list of names is taken literally)."""
-    if targets and "," not in targets:
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise EmlocError(f"--targets {targets!r} is not a valid regular expression ({exc}); fix the pattern") from None
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> nn.Module:
