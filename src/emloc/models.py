@@ -238,6 +238,20 @@ def load_tokenizer(folder: str | Path):
                          "into that folder (tokenizer.save_pretrained)") from None
 
 
+def index_map(folder: Path) -> dict[str, str] | None:
+    """The tensor -> file map of `model.safetensors.index.json`, or None without an index."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise EmlocError(f"{index} is not a valid safetensors index (no weight_map); restore the model folder") from None
+    return weight_map
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files that hold a model's weights, as transformers would read them.
 
@@ -246,13 +260,9 @@ def weight_files(folder: str | Path) -> list[Path]:
     (e.g. a `consolidated.safetensors` copy) are ignored, not merged twice.
     """
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = json.loads(index.read_text())["weight_map"].values()
-        except (ValueError, KeyError, AttributeError):
-            raise EmlocError(f"{index} is not a valid safetensors index (no weight_map); restore the model folder") from None
-        return [folder / n for n in dict.fromkeys(names)]
+    index = index_map(folder)
+    if index is not None:
+        return [folder / n for n in dict.fromkeys(index.values())]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     return sorted(folder.glob("*.safetensors"))
@@ -266,11 +276,9 @@ class WeightStore:
         self._files: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._names: dict[str, str] = {}  # model name -> checkpoint name, where they differ
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_files(self.folder)  # validates the index
-            for key, fname in json.loads(index.read_text())["weight_map"].items():
-                self._files[key] = self.folder / fname
+        index = index_map(self.folder)
+        if index is not None:
+            self._files = {key: self.folder / fname for key, fname in index.items()}
         else:
             for p in weight_files(self.folder):
                 with open_safetensors(p) as f:
