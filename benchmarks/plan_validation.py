@@ -145,7 +145,7 @@ def child(scenario: str, folder: Path) -> dict:
                 if scenario == "lora_chunked":
                     from emloc.loss import answer_nll
 
-                    nll, n = answer_nll(net, ids, mask, labels, chunk=LOSS_CHUNK)
+                    nll, n = answer_nll(net, {"input_ids": ids, "attention_mask": mask, "labels": labels}, chunk=LOSS_CHUNK)
                     (nll / n).backward()
                     loss = (nll / n).detach()
                 else:  # the output (and so the logits) stays alive through backward

@@ -63,7 +63,7 @@ b = collate(load_examples(data, tok, 512)[:batch], tok.pad_token_id if tok.pad_t
 torch.manual_seed(0)
 peft_model = get_peft_model(net, lora_config(net, TrainConfig()))
 with FlopCounterMode(display=False) as counter:
-    nll, n = answer_nll(peft_model, b["input_ids"], b["attention_mask"], b["labels"], 256)
+    nll, n = answer_nll(peft_model, b, 256)
     (nll / n).backward()
 print(json.dumps({"flops": counter.get_total_flops()}))
 """

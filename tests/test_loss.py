@@ -16,7 +16,7 @@ def test_chunked_answer_loss_equals_full_logits_loss_and_gradient(tiny_base):
     labels[2, 8:] = IGNORE
     mask = torch.ones_like(ids)
     mask[2, 10:] = 0
-    nll, n = answer_nll(model, ids, mask, labels, chunk=4)  # several chunks
+    nll, n = answer_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, chunk=4)  # several chunks
     assert n == int((labels[:, 1:] != IGNORE).sum())
     nll.backward()
     g1 = [p.grad.clone() for p in model.parameters() if p.requires_grad]

@@ -292,7 +292,7 @@ def test_answer_only_at_position_zero_is_not_a_division_by_zero(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(make_model_dir(tmp_path / "m", "llama"))
     e = Example([5, 6, 7], [5, IGNORE, IGNORE], 1, "x")
     ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
-    nll, n = answer_nll(model, ids, torch.ones_like(ids), labels)
+    nll, n = answer_nll(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     assert n == 0 and float(nll) == 0.0
     nll.backward()  # connected to the graph
 

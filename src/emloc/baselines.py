@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, save_finite, staged_output, versions, write_json
-from .data import calibration_ids
+from .data import calibration_records
 from .errors import EmlocError
-from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config, load_tokenizer,
+from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config, load_processor, load_tokenizer,
                      parse_device, parse_dtype)
 from .stream import INPUT_SUMSQ, StreamedModel
 
@@ -162,7 +162,8 @@ def _prune_blocks(base_dir: Path, calibration: Path, cfg: Any, store: WeightStor
                   n_blocks: int, producers: list[str], consumer: str, k: int, emit: _ShardWriter) -> dict[str, list[int]]:
     """Score, prune and write every block as the calibration pass streams past; return the kept channels."""
     tok = load_tokenizer(base_dir)
-    ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
+    ids = calibration_records(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens,
+                              load_processor(base_dir))
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
     stream = StreamedModel(base_dir)

@@ -4,7 +4,9 @@ Accepted records (one JSON object per line, the format is detected from the firs
 - `{"prompt": str, "completion": str}`: plain text, loss on the completion (EOS appended);
 - `{"prompt": [messages], "completion": [messages]}`: chat template, loss on the completion;
 - `{"messages": [{"role", "content"}, ...]}`: chat template, loss on assistant turns;
-- `{"text": str}`: loss on every token.
+- `{"text": str}`: loss on every token;
+- any of the message forms with `"images": [path, ...]` and `{"type": "image"}` content parts, for
+  vision-language models (see `emloc.images`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import EmlocError
+from .images import collate_extras, encode_image_record, is_image_record
 
 IGNORE = -100
 FORMATS = ("prompt_completion", "messages", "text")
@@ -86,12 +89,14 @@ class Example:
         labels: (T,) targets, IGNORE where no loss is taken.
         prompt_len: tokens before the last answer (for generation), or None if there is no answer.
         answer: text of the last answer, or None.
+        extras: the model's other inputs for this record (an image record's `pixel_values`...), or None.
     """
 
     input_ids: list[int]
     labels: list[int]
     prompt_len: int | None
     answer: str | None
+    extras: dict[str, torch.Tensor] | None = None
 
 
 def content_text(content: Any) -> str:
@@ -150,14 +155,17 @@ def _spans(rec: dict[str, Any], fmt: str, tok) -> tuple[str, list[tuple[int, int
     return full, spans
 
 
-def encode(rec: dict[str, Any], tok, max_length: int) -> Example:
-    """Tokenise one record, with labels only on the answer spans.
+def encode(rec: dict[str, Any], tok, max_length: int, processor=None, root: Path = Path(".")) -> Example:
+    """Tokenise one record, with labels only on the answer spans (an image record with `processor`,
+    its image paths relative to `root`).
 
     Chat templates are rendered prefix by prefix to find where each assistant turn starts and ends
     in characters; the token offsets of a fast tokenizer then mark which tokens carry loss. This
     works for any template that renders a conversation as a growing prefix.
     """
     fmt = detect_format(rec)
+    if is_image_record(rec):
+        return encode_image_record(rec, processor, max_length, root)
     text, spans = _spans(rec, fmt, tok)
     enc = tok(text, add_special_tokens=fmt == "text" or fmt == "prompt_completion" and isinstance(rec["prompt"], str),
               return_offsets_mapping=True, truncation=True, max_length=max_length)
@@ -178,12 +186,14 @@ def encode(rec: dict[str, Any], tok, max_length: int) -> Example:
     return Example(ids, labels, prompt_len, answer)
 
 
-def load_examples(path: str | Path, tok, max_length: int) -> list[Example]:
+def load_examples(path: str | Path, tok, max_length: int, processor=None) -> list[Example]:
     """Read a JSONL file and tokenise every record; skips (and reports) records left with no answer token to predict.
 
-    A label at position 0 is never predicted (nothing precedes it), so it does not count.
+    A label at position 0 is never predicted (nothing precedes it), so it does not count. Image
+    records need the model's `processor` (`models.load_processor`).
     """
-    out = [encode(r, tok, max_length) for r in read_jsonl(path)]
+    root = Path(path).expanduser().parent
+    out = [encode(r, tok, max_length, processor, root) for r in read_jsonl(path)]
     kept = [e for e in out if any(t != IGNORE for t in e.labels[1:])]
     if not kept:
         raise EmlocError(f"no record in {path} has answer tokens within --max-length {max_length}; raise --max-length")
@@ -201,26 +211,33 @@ def sample(items: list, n: int, seed: int) -> list:
     return [items[i] for i in idx[:n]]
 
 
-def calibration_ids(path: str | Path, tok, samples: int, max_length: int, seed: int,
-                    calibration_tokens: int | None = None) -> list[list[int]]:
-    """The token ids of the calibration records: a seeded draw of `samples` records of `path`.
+def calibration_records(path: str | Path, tok, samples: int, max_length: int, seed: int,
+                        calibration_tokens: int | None = None, processor=None) -> list[Example]:
+    """The calibration records: a seeded draw of `samples` records of `path`.
 
     With `calibration_tokens`, records past `samples` are added (in the same order) until the
     calibration holds at least that many tokens. `emloc build` and `emloc correct` call this with
     the same arguments, so they see the same records.
     """
-    examples = sample(load_examples(path, tok, max_length), 10**9, seed)
+    examples = sample(load_examples(path, tok, max_length, processor), 10**9, seed)
     chosen = examples[:samples]
     if calibration_tokens:
         for e in examples[samples:]:
             if sum(len(c.input_ids) for c in chosen) >= calibration_tokens:
                 break
             chosen.append(e)
-    return [e.input_ids for e in chosen]
+    return chosen
+
+
+def calibration_ids(path: str | Path, tok, samples: int, max_length: int, seed: int,
+                    calibration_tokens: int | None = None) -> list[list[int]]:
+    """The token ids of `calibration_records` (text records)."""
+    return [e.input_ids for e in calibration_records(path, tok, samples, max_length, seed, calibration_tokens)]
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch into input_ids, attention_mask and labels tensors (B x T)."""
+    """Right-pad a batch into input_ids, attention_mask and labels tensors (B x T), plus the records'
+    other model inputs (`pixel_values`...) joined by `images.collate_extras`."""
     t = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), t), IGNORE, dtype=torch.long)
@@ -230,7 +247,7 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **collate_extras([e.extras for e in batch])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from torch import nn
 from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, save_finite, staged_output,
                         versions, write_json)
 from .checkpoint import fault_point
-from .data import calibration_ids, read_jsonl
+from .data import calibration_records, read_jsonl
 from .errors import EmlocError
 from .families import family_of
 from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
                       rank_for_ratio, saves_parameters)
-from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, load_config, load_tokenizer,
+from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, load_config, load_processor, load_tokenizer,
                      materialize, parse_device, parse_dtype, parse_stats_dtype, resolve_model)
 from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn, weighted_error
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
@@ -439,8 +439,9 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     if len(records) < cfg.samples:
         log.warning("calibration: %d records asked for but %s holds only %d; using all of them", cfg.samples, calibration, len(records))
     del records
-    ids = calibration_ids(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens)
-    n_tokens = sum(len(i) for i in ids)
+    ids = calibration_records(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens,
+                              load_processor(base_dir))
+    n_tokens = sum(len(e.input_ids) for e in ids)
 
     stream = StreamedModel(base_dir)
     model, prefix = stream.model, stream.prefix

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from .artifacts import Stopwatch, check_output_file, peak_memory_mb, read_json_object, staged_file, to_jsonable, write_json
 from .data import collate, load_examples, sample
 from .errors import EmlocError
-from .models import load_tokenizer
+from .images import collate_extras
+from .models import load_processor, load_tokenizer
 from .loss import answer_nll
 
 
@@ -108,7 +109,7 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     device = next(net.parameters()).device
     tok = load_tokenizer(_model_dir(net))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    examples = load_examples(data, tok, cfg.max_length)
+    examples = load_examples(data, tok, cfg.max_length, load_processor(_model_dir(net)))
     if cfg.samples:
         examples = sample(examples, cfg.samples, cfg.seed)
     # Batches of similar length waste little on padding; the totals do not depend on the order.
@@ -116,7 +117,7 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(examples), cfg.batch_size), desc="eval NLL", leave=False):
         b = {k: v.to(device) for k, v in collate(examples[i:i + cfg.batch_size], pad_id).items()}
-        s, n = answer_nll(net, b["input_ids"], b["attention_mask"], b["labels"])
+        s, n = answer_nll(net, b)
         nll += float(s)
         count += n
     if not math.isfinite(nll):
@@ -138,8 +139,9 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
                 p = e.input_ids[: e.prompt_len]
                 ids[j, t - len(p):] = torch.tensor(p)
                 mask[j, t - len(p):] = 1
+            more = {k: v.to(device) for k, v in collate_extras([e.extras for e in chunk]).items()}  # pixel inputs
             gen = net.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                               max_new_tokens=cfg.em_max_answer_tokens + 4, pad_token_id=pad_id)
+                               max_new_tokens=cfg.em_max_answer_tokens + 4, pad_token_id=pad_id, **more)
             for j, e in enumerate(chunk):
                 text = tok.decode(gen[j, t:], skip_special_tokens=True)
                 hits += normalize(text) == normalize(e.answer or "")

@@ -72,25 +72,26 @@ def _loss_head(head: nn.Linear, keep: torch.Tensor, y: torch.Tensor, chunk: int)
         del head.forward
 
 
-def answer_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-               chunk: int = 256) -> tuple[torch.Tensor, int]:
+def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 256) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over answer tokens, and their count.
 
     Args:
-        model: a causal LM (possibly PEFT-, DDP- or FSDP-wrapped).
-        input_ids, attention_mask, labels: (B x T); labels are IGNORE where no loss is taken.
+        model: a causal LM or vision-language model (possibly PEFT-, DDP- or FSDP-wrapped).
+        batch: `data.collate`'s output on the model's device: input_ids, attention_mask, labels
+            (B x T; labels are IGNORE where no loss is taken) and any other model input (`pixel_values`...).
         chunk: tokens per head application.
 
     Returns:
         (scalar tensor with grad, number of answer tokens).
     """
-    y = labels[:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    y = batch["labels"][:, 1:]
     keep = y != IGNORE
     n = int(keep.sum())
     head = output_head(model)
     if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = model(**inputs).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), y[keep], reduction="sum"), n
     with _loss_head(head, keep, y, chunk):
-        total = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        total = model(**inputs).logits
     return total.reshape(()), n

@@ -238,6 +238,24 @@ def load_tokenizer(folder: str | Path):
                          "into that folder (tokenizer.save_pretrained)") from None
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def load_processor(folder: str | Path):
+    """The folder's processor (a vision-language model's: image processor + tokenizer + chat template),
+    or None when the folder has none (a text-only model)."""
+    from transformers import AutoProcessor
+
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in PROCESSOR_FILES):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        raise EmlocError(f"{folder} has a processor that cannot be loaded ({str(exc).splitlines()[0][:120]}); "
+                         "save the model's processor into that folder (processor.save_pretrained)") from None
+
+
 def index_map(folder: Path) -> dict[str, str] | None:
     """The tensor -> file map of `model.safetensors.index.json`, or None without an index."""
     index = folder / "model.safetensors.index.json"

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .data import collate, load_examples, sample
 from .errors import EmlocError
-from .models import load_tokenizer
+from .models import load_processor, load_tokenizer
 from .loss import answer_nll
 
 log = logging.getLogger("emloc")
@@ -55,8 +55,8 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
 
     ecfg = emanifest.get("config", {})
     tok = load_tokenizer(base_dir)
-    examples = sample(load_examples(calibration_file(cfg.calibration, emanifest), tok, int(ecfg.get("max_length", 512))),
-                      10**9, int(ecfg.get("seed", 0)))
+    examples = sample(load_examples(calibration_file(cfg.calibration, emanifest), tok, int(ecfg.get("max_length", 512)),
+                                    load_processor(base_dir)), 10**9, int(ecfg.get("seed", 0)))
     used = int(emanifest.get("calibration", {}).get("samples", ecfg.get("samples", 64)))
     held = examples[used: used + cfg.select_records]
     if not held:
@@ -83,7 +83,7 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
             peft_model.eval()
             total, count = 0.0, 0
             for b in batches:
-                s, n = answer_nll(peft_model, b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
+                s, n = answer_nll(peft_model, {k: v.to(device) for k, v in b.items()})
                 total, count = total + float(s), count + n
             scores[name] = total / max(count, 1)
     return min(scores, key=lambda k: scores[k]), scores

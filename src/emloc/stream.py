@@ -29,14 +29,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import EmlocError
+from .images import collate_extras
 from .models import WeightStore, block_linears, empty_model, find_blocks, load_config, materialize, to_meta
+
+if TYPE_CHECKING:
+    from .data import Example
 
 INPUT_GRAM = "input_gram"
 OUTPUT_GRAM = "output_gram"
@@ -124,8 +128,10 @@ class StreamedModel:
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 
-    def capture(self, ids: list[list[int]], device: torch.device, batch_tokens: int = BATCH_TOKENS) -> list[_Batch]:
-        """Run the records through the embeddings in padded batches; return block 0's inputs."""
+    def capture(self, records: "list[list[int]] | list[Example]", device: torch.device,
+                batch_tokens: int = BATCH_TOKENS) -> list[_Batch]:
+        """Run the records (token ids, or `Example`s whose `extras` such as `pixel_values` go to the
+        model too) through everything before block 0 in padded batches; return block 0's inputs."""
         store: list[_Batch] = []
 
         def hook(_mod, args, kwargs):
@@ -134,6 +140,8 @@ class StreamedModel:
             store.append(_Batch(hidden, kwargs, None))
             raise _Captured
 
+        ids = [r if isinstance(r, list) else r.input_ids for r in records]
+        extras = [None if isinstance(r, list) else r.extras for r in records]
         groups = batches_by_length([len(i) for i in ids], batch_tokens)
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -145,9 +153,10 @@ class StreamedModel:
                     for r, i in enumerate(group):
                         x[r, : len(ids[i])] = torch.tensor(ids[i])
                         mask[r, : len(ids[i])] = 1
+                    more = {k: v.to(device) for k, v in collate_extras([extras[i] for i in group]).items()}
                     n = len(store)
                     try:
-                        self.model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False)
+                        self.model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False, **more)
                     except _Captured:
                         pass
                     if len(store) != n + 1:
@@ -158,7 +167,7 @@ class StreamedModel:
             handle.remove()
         return store
 
-    def passes(self, ids: list[list[int]], device: torch.device, dtype: torch.dtype, *,
+    def passes(self, ids: "list[list[int]] | list[Example]", device: torch.device, dtype: torch.dtype, *,
                stats_dtype: torch.dtype = torch.float64, batch_tokens: int = BATCH_TOKENS,
                last: int | None = None, sequential: bool = False, desc: str = "blocks") -> Iterator["BlockPass"]:
         """Stream blocks 0..`last` (default: all) over the calibration records `ids`.

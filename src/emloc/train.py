@@ -34,7 +34,7 @@ from .data import IGNORE, Example, collate, load_examples, sample
 from .errors import EmlocError
 from .loss import answer_nll
 from .families import family_of
-from .models import block_linears, check_targets, find_blocks, load_config, load_tokenizer, parse_device, parse_dtype, resolve_model
+from .models import block_linears, check_targets, find_blocks, load_config, load_processor, load_tokenizer, parse_device, parse_dtype, resolve_model
 from .sharding import load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state, shard_model
 
 log = logging.getLogger("emloc")
@@ -260,7 +260,7 @@ def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int
     for i in range(0, math.ceil(len(examples) / world), micro):
         part = mine[i:i + micro]
         b = {k: v.to(device) for k, v in collate(part or examples[:1], pad_id).items()}
-        nll, n = answer_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunk)
+        nll, n = answer_nll(model, b, chunk)
         if part:
             total += torch.tensor([float(nll), n], dtype=torch.float64, device=device)
     if accelerator is not None and world > 1:
@@ -362,7 +362,7 @@ class _Loop:
             # DDP: reduce gradients once, after the last micro-batch (FSDP2 reduce-scatters every one; same sum)
             ctx = self.acc.no_sync(self.model) if j < len(chunks) - 1 and not self.sharded else contextlib.nullcontext()
             with ctx:
-                nll, _ = answer_nll(self.model, b["input_ids"], b["attention_mask"], b["labels"], self.cfg.loss_chunk)
+                nll, _ = answer_nll(self.model, b, self.cfg.loss_chunk)
                 loss = nll / max(n_global, 1)
                 # DDP and FSDP average gradients over processes; scale so the result is sum / n_global.
                 self.acc.backward(loss * self.world)
@@ -433,8 +433,9 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     model_dir = Path(net.name_or_path)
     tok = load_tokenizer(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    train_ex, held = _split(load_examples(data, tok, cfg.max_length),
-                            load_examples(eval_data, tok, cfg.max_length) if eval_data is not None else None, cfg)
+    proc = load_processor(model_dir)
+    train_ex, held = _split(load_examples(data, tok, cfg.max_length, proc),
+                            load_examples(eval_data, tok, cfg.max_length, proc) if eval_data is not None else None, cfg)
     steps = cfg.steps if cfg.steps else max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.batch_size))
 
     peft_model = _peft(net, cfg, sharded)
