@@ -138,7 +138,7 @@ def main() -> None:
                 continue
             emu, ad, cor, mer = (work / f"{n}-{r}{tag.strip(' []')}" for n in ("emulator", "adapter", "corrected", "merged"))
             if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
-                add("EMLoC build" + tag, r, emloc + ["build", "--base", str(base), "--data", str(data), "--output", str(emu), "--method",
+                add("EMLoC build" + tag, r, emloc + ["build", "--base", str(base), "--calibration", str(data), "--output", str(emu), "--method",
                                                      method, "--ratio", str(r), "--samples", str(args.samples), "--max-length",
                                                      str(args.seq_len + 8), "--overwrite", "--stats-dtype", args.stats_dtype, *dev])
             add("EMLoC train (emulator)" + tag, r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])

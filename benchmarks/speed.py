@@ -152,7 +152,7 @@ def main() -> None:
     for ratio in args.ratios:
         emu = out / f"emulator-{ratio}"
         if not args.skip_builds:
-            run(emloc + ["build", "--base", args.base, "--data", data, "--output", str(emu), "--method", "svd", "--ratio", str(ratio),
+            run(emloc + ["build", "--base", args.base, "--calibration", data, "--output", str(emu), "--method", "svd", "--ratio", str(ratio),
                          "--samples", str(args.samples), "--device", "cpu", "--dtype", args.dtype, "--overwrite"])
         m = json.loads((emu / "manifest.json").read_text())
         flops = decomposition_flops(m["layers"], m["calibration"]["tokens"])

@@ -1,6 +1,6 @@
 """Train the emulator with your own trainer (here: Hugging Face `Trainer`), then correct with emloc.
 
-    emloc build --base smollm2-135m --data train.jsonl --output emulator
+    emloc build --base smollm2-135m --calibration train.jsonl --output emulator
     python examples/train_with_hf_trainer.py --emulator emulator --data train.jsonl --output my-adapter
     emloc correct --adapter my-adapter --output corrected
 

@@ -25,14 +25,14 @@ def error_line(err):
 
 
 def test_missing_model_folder(tmp_path, capsys, tiny_data):
-    code, err = run_cli(["build", "--base", str(tmp_path / "nope"), "--data", str(tiny_data), "--output", str(tmp_path / "e")], capsys)
+    code, err = run_cli(["build", "--base", str(tmp_path / "nope"), "--calibration", str(tiny_data), "--output", str(tmp_path / "e")], capsys)
     assert code == 2 and "does not exist" in error_line(err)
     assert not (tmp_path / "e").exists()
 
 
 def test_folder_without_model(tmp_path, capsys, tiny_data):
     (tmp_path / "empty").mkdir()
-    code, err = run_cli(["build", "--base", str(tmp_path / "empty"), "--data", str(tiny_data), "--output", str(tmp_path / "e")], capsys)
+    code, err = run_cli(["build", "--base", str(tmp_path / "empty"), "--calibration", str(tiny_data), "--output", str(tmp_path / "e")], capsys)
     assert code == 2 and "config.json" in error_line(err)
 
 
@@ -41,20 +41,20 @@ def test_model_without_linear_layers(tmp_path, capsys, tiny_data):
     from .conftest import make_model_dir
 
     base = make_model_dir(tmp_path / "gpt2", "gpt2")
-    code, err = run_cli(["build", "--base", str(base), "--data", str(tiny_data), "--output", str(tmp_path / "e"), "--device", "cpu"], capsys)
+    code, err = run_cli(["build", "--base", str(base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"), "--device", "cpu"], capsys)
     assert code == 2 and "nn.Linear" in error_line(err)
     assert not (tmp_path / "e").exists()
 
 
 def test_targets_matching_nothing(tmp_path, capsys, tiny_base, tiny_data):
-    code, err = run_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "e"),
+    code, err = run_cli(["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"),
                          "--targets", "no_such_layer", "--device", "cpu"], capsys)
     assert code == 2 and "--targets" in error_line(err)
 
 
 @pytest.mark.parametrize("ratio", ["0", "1.5", "-0.2", "half"])
 def test_ratio_out_of_range(tmp_path, capsys, tiny_base, tiny_data, ratio):
-    code, err = run_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "e"),
+    code, err = run_cli(["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"),
                          "--ratio", ratio, "--device", "cpu"], capsys)
     assert code == 2 and "ratio" in error_line(err)
     assert not (tmp_path / "e").exists()
@@ -63,7 +63,7 @@ def test_ratio_out_of_range(tmp_path, capsys, tiny_base, tiny_data, ratio):
 def test_ratio_table_regex_matching_nothing(tmp_path, capsys, tiny_base, tiny_data):
     t = tmp_path / "r.json"
     t.write_text(json.dumps([["q_proj", 0.5], ["this_matches_nothing", 0.3]]))
-    code, err = run_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "e"),
+    code, err = run_cli(["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"),
                          "--ratio-table", str(t), "--device", "cpu"], capsys)
     assert code == 2 and "matches no layer" in error_line(err)
 
@@ -71,7 +71,7 @@ def test_ratio_table_regex_matching_nothing(tmp_path, capsys, tiny_base, tiny_da
 def test_bad_data(tmp_path, capsys, tiny_base):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    code, err = run_cli(["build", "--base", str(tiny_base), "--data", str(bad), "--output", str(tmp_path / "e"), "--device", "cpu"], capsys)
+    code, err = run_cli(["build", "--base", str(tiny_base), "--calibration", str(bad), "--output", str(tmp_path / "e"), "--device", "cpu"], capsys)
     assert code == 2 and "expected 'prompt'" in error_line(err)
 
 
@@ -85,7 +85,7 @@ def test_non_empty_output_refused(tmp_path, capsys, tiny_emulator, tiny_data):
 
 
 def test_adapter_for_another_emulator(tmp_path, capsys, tiny_base, tiny_data, tiny_adapter):
-    code, _ = run_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "e2"),
+    code, _ = run_cli(["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e2"),
                        "--ratio", "0.3", "--samples", "8", "--device", "cpu"], capsys)
     assert code == 0
     code, err = run_cli(["correct", "--adapter", str(tiny_adapter), "--emulator", str(tmp_path / "e2"), "--output", str(tmp_path / "c")], capsys)
@@ -129,3 +129,22 @@ def test_console_script_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("emloc: error:") and "Traceback" not in p.stderr
+
+
+def test_renamed_flags_still_work_with_a_warning(tmp_path, capsys, tiny_base, tiny_data, caplog):
+    # build --data is now --calibration, plan --model is now --base: the old names warn for one release
+    with caplog.at_level("WARNING", logger="emloc"):
+        code, _ = run_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "e"),
+                           "--samples", "4", "--method", "svd", "--device", "cpu"], capsys)
+    assert code == 0 and (tmp_path / "e" / "manifest.json").is_file()
+    assert any("--data is deprecated" in r.getMessage() and "--calibration" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emloc"):
+        assert main(["plan", "--model", str(tiny_base), "--device", "cpu"]) == 0
+    assert "ratio" in capsys.readouterr().out
+    assert any("--model is deprecated" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SystemExit) as exc:  # the new names stay required
+        main(["build", "--base", str(tiny_base), "--output", str(tmp_path / "f")])
+    assert exc.value.code == 2 and "--calibration" in capsys.readouterr().err and not (tmp_path / "f").exists()
+    with pytest.raises(SystemExit):  # both names at once, disagreeing
+        main(["plan", "--base", str(tiny_base), "--model", str(tmp_path)])

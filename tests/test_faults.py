@@ -25,13 +25,13 @@ def looks_complete(folder):
 
 
 def test_killed_build_correct_merge_leave_nothing_that_looks_complete(tmp_path, tiny_base, tiny_data, tiny_adapter):
-    p = emloc_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "emu"),
+    p = emloc_cli(["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--output", str(tmp_path / "emu"),
                    "--samples", "8", "--device", "cpu"], {"EMLOC_FAULT_BUILD_BLOCK": "1"})
     assert p.returncode == -9  # SIGKILL after the first block was written
     assert not (tmp_path / "emu").exists()
     assert not any(looks_complete(x) for x in tmp_path.iterdir())
     # a new run cleans the dead process's temporary folder and completes
-    p = emloc_cli(["build", "--base", str(tiny_base), "--data", str(tiny_data), "--output", str(tmp_path / "emu"),
+    p = emloc_cli(["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--output", str(tmp_path / "emu"),
                    "--samples", "8", "--device", "cpu"])
     assert p.returncode == 0, p.stderr
     assert [x.name for x in tmp_path.iterdir()] == ["emu"]

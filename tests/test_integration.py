@@ -84,9 +84,9 @@ def test_eval_rows(pipeline, smol, task):
 
     _, emu, ad, cor = pipeline
     cfg = EvalConfig(max_length=128, device="cpu", exact_match=True, em_max_answer_tokens=8)
-    zero = evaluate(smol, task[1], None, cfg)
-    corrected = evaluate(smol, task[1], cor, cfg)
-    on_emu = evaluate(emu, task[1], ad, cfg)
+    zero = evaluate(smol, task[1], None, config=cfg)
+    corrected = evaluate(smol, task[1], cor, config=cfg)
+    on_emu = evaluate(emu, task[1], ad, config=cfg)
     for r in (zero, corrected, on_emu):
         assert math.isfinite(r["nll"]) and r["records"] == 16 and r["exact_match"] is not None
     assert corrected["nll"] != zero["nll"]

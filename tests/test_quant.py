@@ -157,8 +157,8 @@ def test_qlora_trains_on_nf4_and_its_adapter_loads_on_the_original(wide_base, ti
     plain = train_adapter(wide_base, tiny_data, tmp_path / "p", TrainConfig(steps=1, batch_size=4, rank=2, device="cpu", eval_samples=4))
     q, p = load_file(ad / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
     assert q.keys() == p.keys() and all(q[k].shape == p[k].shape for k in q)
-    on_original = evaluate(wide_base, tiny_data, ad, EvalConfig(samples=4, device="cpu", exact_match=False))
-    on_nf4 = evaluate(wide_base, tiny_data, ad, EvalConfig(samples=4, device="cpu", exact_match=False, quantize="nf4"))
+    on_original = evaluate(wide_base, tiny_data, ad, config=EvalConfig(samples=4, device="cpu", exact_match=False))
+    on_nf4 = evaluate(wide_base, tiny_data, ad, config=EvalConfig(samples=4, device="cpu", exact_match=False, quantize="nf4"))
     assert on_original["nll"] != on_nf4["nll"]  # the NF4 copy is a different model
     with pytest.raises(EmlocError, match="not to an emulator"):
         emu = build_emulator(wide_base, tiny_data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=4, device="cpu"))

@@ -78,7 +78,7 @@ def test_build_output_containing_the_calibration_data_is_refused(tmp_path, tiny_
     (tmp_path / "work").mkdir()
     data = make_data(tmp_path / "work" / "d.jsonl", 20)
     before = digest(data.parent)
-    fails(["build", "--base", str(tiny_base), "--data", str(data), "--output", str(data.parent), "--overwrite", "--device", "cpu"],
+    fails(["build", "--base", str(tiny_base), "--calibration", str(data), "--output", str(data.parent), "--overwrite", "--device", "cpu"],
           capsys, "contains the input")
     assert digest(data.parent) == before
 
@@ -137,7 +137,7 @@ def test_train_settings_refused_before_any_io(tmp_path, capsys, flags, match):
     (["--samples", "0"], "--samples"),
 ])
 def test_build_settings_refused_before_any_io(tmp_path, capsys, flags, match):
-    fails(["build", "--base", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"), "--output", str(tmp_path / "e"),
+    fails(["build", "--base", str(tmp_path / "no-model"), "--calibration", str(tmp_path / "no.jsonl"), "--output", str(tmp_path / "e"),
            *flags], capsys, match)
 
 
@@ -157,7 +157,7 @@ def test_overflowing_factors_are_refused(tmp_path, tiny_base, tiny_data, capsys)
     key = next(k for k in t if k.endswith("layers.0.mlp.up_proj.weight"))
     t[key] = t[key] * 1e6
     save_file(t, f, metadata={"format": "pt"})
-    fails(["build", "--base", str(base), "--data", str(tiny_data), "--output", str(tmp_path / "e"), "--method", "svd",
+    fails(["build", "--base", str(base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"), "--method", "svd",
            "--dtype", "float16", "--samples", "8", "--device", "cpu"], capsys, "non-finite")
     assert not (tmp_path / "e").exists()
 
@@ -382,7 +382,7 @@ def test_truncated_safetensors_is_an_error(tmp_path, tiny_data, tiny_base, capsy
     base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
     f = base / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    fails(["build", "--base", str(base), "--data", str(tiny_data), "--output", str(tmp_path / "e"), "--samples", "4",
+    fails(["build", "--base", str(base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"), "--samples", "4",
            "--device", "cpu"], capsys, "truncated")
 
 
@@ -391,7 +391,7 @@ def test_base_without_tokenizer_is_an_error(tmp_path, tiny_data, tiny_base, caps
     base.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_base / name, base / name)
-    fails(["build", "--base", str(base), "--data", str(tiny_data), "--output", str(tmp_path / "e"), "--device", "cpu"], capsys,
+    fails(["build", "--base", str(base), "--calibration", str(tiny_data), "--output", str(tmp_path / "e"), "--device", "cpu"], capsys,
           "tokenizer")
 
 
@@ -431,3 +431,20 @@ def test_packaged_model_checksum_and_conversion_lock(tmp_path, monkeypatch):
     (tmp_path / "cache" / "models" / "fake" / m.SOURCE).write_text(json.dumps({"sha256": "old"}))
     m.resolve_model("fake")
     assert len(calls) == 2  # a cache converted from other bytes is converted again
+
+
+def test_stage_functions_take_the_previous_argument_order_with_a_warning(tmp_path, tiny_emulator, tiny_data):
+    from emloc import TrainConfig, correct_adapter, train_adapter
+    from emloc.correct import CorrectConfig
+    from emloc.evaluate import EvalConfig, evaluate
+
+    cfg = TrainConfig(steps=1, batch_size=2, rank=2, device="cpu")
+    with pytest.warns(FutureWarning, match="old order"):  # (model, data, output, config, eval_data, overwrite)
+        ad = train_adapter(tiny_emulator, tiny_data, tmp_path / "ad", cfg, tiny_data, False)
+    assert json.loads((ad / "manifest.json").read_text())["eval_data"] == str(tiny_data.resolve())
+    with pytest.warns(FutureWarning, match="old order"):  # (adapter, output, emulator, base, config, overwrite)
+        cor = correct_adapter(ad, tmp_path / "cor", None, None, CorrectConfig(mode="none"), False)
+    assert (cor / "adapter_config.json").is_file()
+    with pytest.warns(FutureWarning, match="old order"):  # (model, data, adapter, config, output, overwrite)
+        evaluate(tiny_emulator, tiny_data, ad, EvalConfig(samples=2, device="cpu", exact_match=False), tmp_path / "e.json")
+    assert json.loads((tmp_path / "e.json").read_text())["records"] == 2

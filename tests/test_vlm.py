@@ -257,13 +257,13 @@ def test_image_records_through_build_train_correct_eval_merge(tmp_path, llava, i
     assert all(k.startswith(("base_model.model." + LLM)) for k in load_file(ad / "adapter_model.safetensors"))
     assert log["final_eval_loss"] is not None and log["final_eval_loss"] == log["final_eval_loss"]
     cor = correct_adapter(ad, tmp_path / "cor", config=CorrectConfig(mode="weighted"))
-    res = evaluate(llava, image_data, cor, EvalConfig(device="cpu", batch_size=4))
+    res = evaluate(llava, image_data, cor, config=EvalConfig(device="cpu", batch_size=4))
     assert res["records"] == 24 and res["em_records"] == 24 and 0 < res["nll"] < 50
     merged = merge_adapter(llava, cor, tmp_path / "merged")
     base = AutoModelForImageTextToText.from_pretrained(llava).eval()
     peft = PeftModel.from_pretrained(base, cor).eval()
     with torch.no_grad():
-        a = evaluate(merged, image_data, None, EvalConfig(device="cpu", batch_size=4, exact_match=False))
+        a = evaluate(merged, image_data, config=EvalConfig(device="cpu", batch_size=4, exact_match=False))
     assert a["nll"] == pytest.approx(res["nll"], rel=1e-4)
     # processor round trip: the merged folder's processor gives the same model inputs as the base's
     row = json.loads(image_data.read_text().splitlines()[0])

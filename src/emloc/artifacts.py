@@ -291,3 +291,11 @@ class Stopwatch:
         if output is not None:
             parts.append(f"-> {output}")
         return ", ".join(parts)
+
+
+def legacy_order(fn: str, new: str) -> None:
+    """Warn that a stage function was called with its arguments in the previous release's order."""
+    import warnings
+
+    warnings.warn(f"{fn}: positional arguments in the old order are deprecated and stop working in the next release; "
+                  f"call {new}", FutureWarning, stacklevel=3)

@@ -143,6 +143,12 @@ PRESETS: dict[str, BenchConfig] = {
                                methods=("quant",), ratios=(0.5,), qlora=True, checkpointing=False, clamps=(),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
+    # a vision-language model (emloc.vqa: the real SmolLM2-135M with a vision tower pretrained here on
+    # easy-vqa captions) fine-tuned on easy-vqa's questions, which its pretraining never asked
+    "vlm": BenchConfig(base="smollm2-vqa-135m", task="easy-vqa", ratios=(0.5, 0.25), steps=100, seeds=(0, 1, 2),
+                       seeded_ratios=2, seeded_methods=("svd",), methods=("svd", "quant"), max_length=128, eval_samples=200,
+                       dtype="bfloat16", auto_correction=False, clamps=(), calibration_sizes=(), plain_svd=False,
+                       energy_allocation=False, sequential=False, other_calibration=None, baselines=True),
 }
 
 NOT_RUN: dict[str, str] = {}
@@ -170,7 +176,7 @@ class _Runner:
         if "--method" not in extra:  # the paper's SVD unless a row asks for another method
             extra = ("--method", "svd", *extra)
         if read_manifest(out) is None:
-            self.cli("build", "--base", base, "--data", data, "--output", str(out), "--ratio", str(ratio), "--samples",
+            self.cli("build", "--base", base, "--calibration", data, "--output", str(out), "--ratio", str(ratio), "--samples",
                      str(samples), "--max-length", str(self.cfg.max_length), "--stats-dtype", self.cfg.stats_dtype, "--overwrite",
                      *extra, *self.dev())
         return out

@@ -95,7 +95,7 @@ def cmd_build(ns: argparse.Namespace) -> None:
     ratio = _ratio(ns)
     if ns.budget:
         ratio = _ratio_for_budget(ns)
-    build_emulator(ns.base, ns.data, ns.output, build_config(EmulatorConfig, ns, ratio=ratio), ns.overwrite)
+    build_emulator(ns.base, ns.calibration, ns.output, build_config(EmulatorConfig, ns, ratio=ratio), ns.overwrite)
 
 
 def _ratio_for_budget(ns: argparse.Namespace) -> float:
@@ -126,19 +126,19 @@ def cmd_plan(ns: argparse.Namespace) -> None:
         raise EmlocError(f"--ratios {ns.ratios!r} must be comma-separated numbers, e.g. 1,0.5,0.25") from None
     cfg = build_config(PlanConfig, ns, ratios=ratios, budget=parse_size(ns.budget) if ns.budget else None,
                        host_budget=parse_size(ns.host_budget) if ns.host_budget else None)
-    print(format_plan(predict(ns.model, cfg)))
+    print(format_plan(predict(ns.base, cfg)))
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
     from .train import TrainConfig, train_adapter
 
-    train_adapter(ns.model, ns.data, ns.output, build_config(TrainConfig, ns), ns.eval_data, ns.overwrite)
+    train_adapter(ns.model, ns.data, ns.output, build_config(TrainConfig, ns), ns.overwrite, eval_data=ns.eval_data)
 
 
 def cmd_correct(ns: argparse.Namespace) -> None:
     from .correct import CorrectConfig, correct_adapter
 
-    correct_adapter(ns.adapter, ns.output, ns.emulator, ns.base, build_config(CorrectConfig, ns), ns.overwrite)
+    correct_adapter(ns.adapter, ns.output, build_config(CorrectConfig, ns), ns.overwrite, emulator=ns.emulator, base=ns.base)
 
 
 def cmd_merge(ns: argparse.Namespace) -> None:
@@ -152,7 +152,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
     from .evaluate import EvalConfig, evaluate
 
-    r = evaluate(ns.model, ns.data, ns.adapter, build_config(EvalConfig, ns), ns.output, ns.overwrite)
+    r = evaluate(ns.model, ns.data, ns.adapter, ns.output, build_config(EvalConfig, ns), ns.overwrite)
     print(json.dumps({k: r[k] for k in ("nll", "ppl", "exact_match", "em_records", "records", "answer_tokens") if k in r}))
 
 
@@ -213,7 +213,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = verb("build", cmd_build, "build an emulator of a base model, calibrated on downstream data")
     b.add_argument("--base", required=True, help="model folder or packaged model name (e.g. smollm2-135m)")
-    b.add_argument("--data", required=True, help="JSONL downstream data for calibration")
+    b.add_argument("--calibration", help="JSONL downstream data to calibrate on (required)")
     b.add_argument("--output", required=True, help="emulator folder to create")
     b.add_argument("--ratio", default="0.5", help="fraction of each layer's bytes to keep (counted in bfloat16; for svd: of its parameters), in (0, 1] (default: 0.5)")
     b.add_argument("--ratio-table", help="JSON/YAML list of [regex, ratio|skip] rules, first match wins")
@@ -250,20 +250,20 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(e, EvalConfig)
 
     pl = verb("plan", cmd_plan, "predict each stage's peak memory from the model's config and pick a ratio")
-    pl.add_argument("--model", required=True, help="model folder (config.json is enough) or a converted packaged name")
+    pl.add_argument("--base", help="model folder (config.json is enough) or a converted packaged name (required)")
     pl.add_argument("--budget", help="memory of the compute device, e.g. 24GB (GB = 2^30 bytes)")
     pl.add_argument("--host-budget", help="host memory for correct/merge when --device cuda, e.g. 64GB")
     pl.add_argument("--ratios", help="comma-separated candidate ratios (default: 1,0.75,0.5,0.4,0.3,0.25,0.2,0.15,0.1)")
     add_config_flags(pl, PlanConfig, skip=("ratios", "budget", "host_budget"))
 
     bn = verb("bench", cmd_bench, "run the side-by-side comparisons (each stage in its own process) and write a report")
-    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen, bigger-in-budget, budget or budget-qwen (default: smoke)")
+    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen, bigger-in-budget, budget, budget-qwen or vlm (default: smoke)")
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
     bn.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (finished rows are reused)")
     bn.add_argument("--report-only", action="store_true", help="write the report from the finished rows; run nothing")
-    bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match) or chatterbot-en "
-                    "(default: the preset's)")
+    bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match), chatterbot-en or "
+                    "easy-vqa (image records, for a vision-language base) (default: the preset's)")
     bn.add_argument("--base", help="model folder or packaged name to benchmark (default: the preset's)")
     bn.add_argument("--data", help="JSONL training data (default: the embedded task)")
     bn.add_argument("--eval-data", help="JSONL held-out data")
@@ -300,10 +300,35 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    for name, sp in (("build", b), ("plan", pl)):
+        for old, new in RENAMED[name].items():
+            sp.add_argument(old, dest=f"renamed_{new}", help=argparse.SUPPRESS)
     for sp in (b, t, c, m, r):  # plan writes nothing
         sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
+
+
+# Flags renamed for one vocabulary (base, calibration...): verb -> {old flag: new dest}. The old name
+# still works, with a warning, for one release.
+RENAMED: dict[str, dict[str, str]] = {"build": {"--data": "calibration"}, "plan": {"--model": "base"}}
+REQUIRED: dict[str, tuple[str, ...]] = {"build": ("calibration",), "plan": ("base",)}
+
+
+def _resolve_renamed(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Map deprecated flags onto their new names (warning once each) and check the required ones."""
+    for old, new in RENAMED.get(ns.verb, {}).items():
+        value = getattr(ns, f"renamed_{new}", None)
+        if value is None:
+            continue
+        flag = "--" + new.replace("_", "-")
+        logging.getLogger("emloc").warning("%s is deprecated and will be removed in the next release; use %s", old, flag)
+        if getattr(ns, new) is not None and getattr(ns, new) != value:
+            parser.error(f"{old} and {flag} name the same input; give only {flag}")
+        setattr(ns, new, value)
+    missing = [f"--{d.replace('_', '-')}" for d in REQUIRED.get(ns.verb, ()) if getattr(ns, d, None) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
 
 
 def _quiet_libraries() -> None:
@@ -335,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="emloc: %(levelname)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns of an optional kernel package on every import
     logging.captureWarnings(False)
+    _resolve_renamed(ns, parser)
     _quiet_libraries()
     try:
         ns.fn(ns)

@@ -56,7 +56,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_json_object, read_manifest,
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, legacy_order, peak_memory_mb, read_json_object, read_manifest,
                         save_finite, staged_output, versions, write_json)
 from .checkpoint import fault_point
 from .errors import EmlocError
@@ -359,10 +359,12 @@ def _check_foreign_adapter(acfg: dict[str, Any], emu_dir: Path) -> None:
                 "verified by fingerprint; make sure %s was not rebuilt since it was trained", emu_dir)
 
 
-def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Path | None = None,
-                    base: str | Path | None = None, config: CorrectConfig | None = None,
-                    overwrite: bool = False) -> Path:
+def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConfig | None = None, overwrite: bool = False,
+                    *legacy: Any, emulator: str | Path | None = None, base: str | Path | None = None) -> Path:
     """Write a corrected copy of an emulator-trained adapter for the original model.
+
+    (The previous positional order, `(adapter, output, emulator, base, config, overwrite)`, still
+    works with a warning for one release.)
 
     Args:
         adapter: PEFT LoRA adapter trained on the emulator.
@@ -375,6 +377,10 @@ def correct_adapter(adapter: str | Path, output: str | Path, emulator: str | Pat
     Returns:
         The corrected adapter folder; its adapter_config.json names the original model.
     """
+    if legacy or not isinstance(config, (CorrectConfig, type(None))) or not isinstance(overwrite, bool):
+        legacy_order("correct_adapter", "correct_adapter(adapter, output, config, overwrite, emulator=..., base=...)")
+        old = (config, overwrite, *legacy) + (None, False)[len(legacy):]
+        emulator, base, config, overwrite = old[0], old[1], old[2], bool(old[3])
     cfg = config or CorrectConfig()
     if cfg.mode not in MODES:
         raise EmlocError(f"unknown correction mode {cfg.mode!r}; use one of {', '.join(MODES)}")

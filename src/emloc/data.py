@@ -259,6 +259,8 @@ TASKS = {
                      "history...): long answers, scored by held-out answer NLL",
     "chatterbot-topic": "name the corpus topic (one of 21 words, e.g. history, science, food) a question "
                         "comes from: short answers, scored by answer NLL and exact match",
+    "easy-vqa": "answer questions about 64 px shape images (yes/no, colour, shape; the easy-vqa package) with a "
+                "vision-language model such as smollm2-vqa-135m: image records, scored by answer NLL and exact match",
 }
 TOPIC_PROMPT = "Which of these topics is the question from? {topics}\nQuestion: {question}\nAnswer with the topic only."
 
@@ -309,6 +311,17 @@ def default_task(name: str = DEFAULT_TASK) -> tuple[Path, Path]:
     folder = cache_dir() / "data" / name
     train, held = folder / "train.jsonl", folder / "eval.jsonl"
     if train.is_file() and held.is_file():
+        return train, held
+    if name == "easy-vqa":  # image records (see emloc.vqa): the package's own train/test split
+        from .vqa import write_task
+
+        tmp = folder.with_name(f".{name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_task(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in ("train.jsonl", "eval.jsonl"):
+            (tmp / f).rename(folder / f)
+        tmp.rmdir()
         return train, held
     convs = _conversations()
     split = {"train": [], "eval": []}

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import Stopwatch, check_output_file, peak_memory_mb, read_json_object, staged_file, to_jsonable, write_json
+from .artifacts import Stopwatch, check_output_file, legacy_order, peak_memory_mb, read_json_object, staged_file, to_jsonable, write_json
 from .data import collate, load_examples, sample
 from .errors import EmlocError
 from .images import collate_extras
@@ -86,9 +86,12 @@ def load_for_eval(model: str | Path, adapter: str | Path | None, device: str, dt
 
 
 @torch.no_grad()
-def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = None,
-             config: EvalConfig | None = None, output: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = None, output: str | Path | None = None,
+             config: EvalConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate a model (optionally with an adapter) on held-out JSONL data.
+
+    (The previous order, `(model, data, adapter, config, output, overwrite)`, still works with a
+    warning for one release.)
 
     Args:
         model: a model folder, packaged model name, or emulator folder.
@@ -101,6 +104,9 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     Returns:
         {"nll", "ppl", "answer_tokens", "records", "exact_match", "em_records", ...}.
     """
+    if isinstance(output, EvalConfig) or isinstance(config, (str, Path)):  # (..., adapter, config, output, overwrite)
+        legacy_order("evaluate", "evaluate(model, data, adapter, output, config, overwrite)")
+        output, config = config, output  # type: ignore[assignment]
     cfg = config or EvalConfig()
     watch = Stopwatch()
     if output is not None:

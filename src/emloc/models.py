@@ -69,6 +69,11 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
+# Models that emloc assembles and trains from packaged parts on first use: name -> "module:function"
+# returning the cached folder (see `emloc.vqa`).
+PREPARED_MODELS: dict[str, str] = {"smollm2-vqa-135m": "emloc.vqa:prepared_vqa_model"}
+
+
 def _package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -109,9 +114,12 @@ def resolve_model(name_or_path: str | Path) -> Path:
     key = str(name_or_path)
     if key in PACKAGED_MODELS:
         return _convert_packaged(key)
+    if key in PREPARED_MODELS:
+        module, fn = PREPARED_MODELS[key].split(":")
+        return getattr(importlib.import_module(module), fn)()
     path = Path(key).expanduser()
     if not path.exists():
-        known = ", ".join(PACKAGED_MODELS)
+        known = ", ".join([*PACKAGED_MODELS, *PREPARED_MODELS])
         raise EmlocError(f"model folder {path} does not exist; give a Hugging Face model folder or one of: {known}")
     if not path.is_dir():
         raise EmlocError(f"{path} is a file, not a model folder; give the folder that holds config.json")

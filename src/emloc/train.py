@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_json_object, read_manifest,
+from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, legacy_order, peak_memory_mb, read_json_object, read_manifest,
                         staged_output, versions, write_json)
 from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
 from .data import IGNORE, Example, collate, load_examples, sample
@@ -402,8 +402,12 @@ def _torch_optimizer(opt):
 
 
 def train_adapter(model: str | Path, data: str | Path, output: str | Path, config: TrainConfig | None = None,
-                  eval_data: str | Path | None = None, overwrite: bool = False) -> Path:
+                  overwrite: bool = False, *legacy: Any, eval_data: str | Path | None = None) -> Path:
     """Train a LoRA adapter on a frozen model and save it as a standard PEFT adapter folder.
+
+    Every stage takes its required inputs, then output, config and overwrite; optional inputs are
+    keywords. (The previous order, `(model, data, output, config, eval_data, overwrite)`, still
+    works with a warning for one release.)
 
     Args:
         model: an emulator folder (the EMLoC path), or a model folder / packaged name (plain LoRA).
@@ -417,6 +421,9 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     Returns:
         The adapter folder.
     """
+    if legacy or not isinstance(overwrite, bool):  # (model, data, output, config, eval_data, overwrite)
+        legacy_order("train_adapter", "train_adapter(model, data, output, config, overwrite, eval_data=...)")
+        eval_data, overwrite = overwrite, bool(legacy[0]) if legacy else False
     cfg = config or TrainConfig()
     watch = Stopwatch()
     inputs = (model, data, eval_data, cfg.init_adapter)
