@@ -146,7 +146,7 @@ PRESETS: dict[str, BenchConfig] = {
     # a vision-language model (emloc.vqa: the real SmolLM2-135M with a vision tower pretrained here on
     # easy-vqa captions) fine-tuned on easy-vqa's questions, which its pretraining never asked
     "vlm": BenchConfig(base="smollm2-vqa-135m", task="easy-vqa", ratios=(0.5, 0.25), steps=100, seeds=(0, 1, 2),
-                       seeded_ratios=2, seeded_methods=("svd",), methods=("svd", "quant"), max_length=128, eval_samples=200,
+                       seeded_ratios=2, seeded_methods=("svd",), methods=("svd", "quant"), max_length=128, eval_samples=200, samples=128,
                        dtype="bfloat16", auto_correction=False, clamps=(), calibration_sizes=(), plain_svd=False,
                        energy_allocation=False, sequential=False, other_calibration=None, baselines=True),
 }
