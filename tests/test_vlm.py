@@ -281,3 +281,37 @@ def test_image_records_through_build_train_correct_eval_merge(tmp_path, llava, i
         b = {k: v for k, v in outs[0].items()}
         torch.testing.assert_close(AutoModelForImageTextToText.from_pretrained(merged).eval()(**b).logits, peft(**b).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_vision_tower_is_compressed_only_where_a_ratio_table_asks(tmp_path, llava, image_data):
+    from transformers import AutoModelForImageTextToText
+
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, load_emulator, train_adapter
+    from emloc.correct import CorrectConfig
+    from emloc.errors import EmlocError
+    from emloc.lowrank import LowRankLinear
+
+    vision = "model.vision_tower.encoder.layers"
+    rules = [(r"vision_tower.*\.mlp\.", 0.5), (r"language_model", 0.5)]  # as the reference code's `vision_model.*layers.*`
+    emu = build_emulator(llava, image_data, tmp_path / "emu", EmulatorConfig(ratio=rules, samples=8, method="svd", device="cpu"))
+    man = json.loads((emu / "manifest.json").read_text())
+    assert man["vision_blocks"] == vision and man["blocks"] == LLM
+    seen = {k for k, v in man["layers"].items() if v["rank"] is not None and k.startswith(vision)}
+    assert seen == {f"{vision}.{i}.mlp.{fc}" for i in range(4) for fc in ("fc1", "fc2")}  # attention stays dense
+    assert all(0 <= man["layers"][k]["rel_error"] < 1 for k in seen)
+    model = load_emulator(emu, "cpu", "float32")
+    assert isinstance(model.get_submodule(f"{vision}.2.mlp.fc1"), LowRankLinear)
+    assert type(model.get_submodule(f"{vision}.2.self_attn.q_proj")) is torch.nn.Linear
+    orig = AutoModelForImageTextToText.from_pretrained(llava).eval()  # everything outside both stacks is the original's
+    for name in ("model.multi_modal_projector.linear_1.weight", "model.vision_tower.post_layernorm.weight"):
+        torch.testing.assert_close(model.get_parameter(name), orig.get_parameter(name), rtol=0, atol=0)
+    batch = _image_batch(6, orig.config.image_token_id)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    ad = train_adapter(emu, image_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=4, lr=1e-2, device="cpu"))
+    assert all(f".{LLM}." in k for k in load_file(ad / "adapter_model.safetensors"))  # LoRA stays on the language model
+    correct_adapter(ad, tmp_path / "cor", CorrectConfig(mode="weighted", device="cpu"))
+    text = make_data(tmp_path / "text.jsonl", 12)
+    with pytest.raises(EmlocError, match="no calibration record has an image"):
+        build_emulator(llava, text, tmp_path / "e2", EmulatorConfig(ratio=rules, samples=8, method="svd", device="cpu"))
+    assert not (tmp_path / "e2").exists()

@@ -33,7 +33,7 @@ from .errors import EmlocError
 from .families import family_of
 from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
                       rank_for_ratio, saves_parameters)
-from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, load_config, load_processor, load_tokenizer,
+from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, find_blocks, load_config, load_processor, load_tokenizer,
                      materialize, parse_device, parse_dtype, parse_stats_dtype, resolve_model)
 from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn, weighted_error
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
@@ -218,14 +218,30 @@ def layer_plan(m: int, n: int, ratio: float | None, method: str = "svd", quant_f
     return {**entry, "kind": "lowrank", "rank": k, "bytes": BASE_BYTES * k * (m + n)}
 
 
-def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | None]],
-                 targets: re.Pattern | None, cfg: EmulatorConfig) -> dict[str, dict[str, Any]]:
-    """Which layers get which rank; decided before any weight is read, so bad rules fail first."""
-    plan: dict[str, dict[str, Any]] = {}
+def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | None]], targets: re.Pattern | None,
+                 cfg: EmulatorConfig, vision: tuple[str, nn.ModuleList] | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Which layers get which rank, in the blocks and (where a ratio-table rule names them) in the
+    vision tower's blocks `vision`; decided before any weight is read, so bad rules fail first."""
     used = [False] * len(rules)
-    for i, block in enumerate(stream.blocks):
+    plan = _plan_stack(stream.prefix, stream.blocks, rules, targets, cfg, used, every=True)
+    if not plan:
+        raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
+    vision_plan = _plan_stack(vision[0] + ".", vision[1], rules, targets, cfg, used, every=False) if vision else {}
+    for (pat, _), hit in zip(rules, used):
+        if not hit:
+            raise EmlocError(f"ratio rule {pat.pattern!r} matches no layer (names look like {next(iter(plan))}); fix the regex")
+    return plan, vision_plan
+
+
+def _plan_stack(prefix: str, blocks: nn.ModuleList, rules: list[tuple[re.Pattern, float | None]], targets: re.Pattern | None,
+                cfg: EmulatorConfig, used: list[bool], every: bool) -> dict[str, dict[str, Any]]:
+    """The plan of one block stack: every layer (unmatched ones dense), or with `every=False` only
+    the layers a rule compresses."""
+    plan: dict[str, dict[str, Any]] = {}
+    for i, block in enumerate(blocks):
         for rel, lin in block_linears(block):
-            full = f"{stream.prefix}{i}.{rel}"
+            full = f"{prefix}{i}.{rel}"
             if targets and not targets.search(full):
                 continue
             ratio = None
@@ -233,13 +249,27 @@ def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | No
                 if pat.search(full):
                     used[j], ratio = True, r
                     break
-            plan[full] = layer_plan(lin.out_features, lin.in_features, ratio, cfg.method, cfg.quant_format)
-    if not plan:
-        raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
-    for (pat, _), hit in zip(rules, used):
-        if not hit:
-            raise EmlocError(f"ratio rule {pat.pattern!r} matches no layer (names look like {next(iter(plan))}); fix the regex")
+            if every or ratio is not None:
+                plan[full] = layer_plan(lin.out_features, lin.in_features, ratio, cfg.method, cfg.quant_format)
     return plan
+
+
+def _compress_vision(base_dir: Path, blocks_name: str, plan: dict[str, dict[str, Any]], records: list, shard: Any,
+                     device: torch.device, dtype: torch.dtype, stats_dtype: torch.dtype, cfg: EmulatorConfig) -> dict[str, dict[str, Any]]:
+    """Stream the vision tower's blocks over the calibration images, compress the planned layers and
+    write each block with `shard(index, tensors)`; the language model is never read."""
+    images = [r for r in records if r.extras]
+    if not images:
+        raise EmlocError("the ratio table compresses vision-tower layers, but no calibration record has an image; "
+                         "calibrate on image records")
+    vs = StreamedModel(base_dir, blocks=blocks_name)
+    vs.load_outside(device, dtype, skip=(find_blocks(vs.model)[0],))
+    layers: dict[str, dict[str, Any]] = {}
+    for step in vs.passes(images, device, dtype, stats_dtype=stats_dtype, batch_tokens=cfg.batch_tokens,
+                          sequential=cfg.sequential, desc="compressing the vision tower"):
+        layers.update(_compress_block(step, plan, vs.store, device, dtype, stats_dtype, cfg))
+        shard(step.index, {step.prefix + k: v.detach().to("cpu").contiguous() for k, v in step.block.state_dict().items()})
+    return layers
 
 
 def statistics_side(m: int, n: int) -> str:
@@ -446,30 +476,38 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     stream = StreamedModel(base_dir)
     model, prefix = stream.model, stream.prefix
     total_params = sum(p.numel() for p in model.parameters())  # meta tensors know their size
-    plan = _plan_layers(stream, rules, targets, cfg)
+    # the vision tower is compressed only where a ratio table's rule names its layers
+    vision = None if isinstance(cfg.ratio, (int, float)) else family_of(model.config).vision_blocks(model)
+    plan, vision_plan = _plan_layers(stream, rules, targets, cfg, vision)
+    vision_prefix = vision[0] + "." if vision_plan else None
     width = max((p["in_features"] for p in plan.values() if p["rank"] is not None), default=0)
     if n_tokens < width:
         log.warning("calibration holds %d tokens, fewer than the widest layer input (%d): the statistics are rank-deficient "
                     "and the emulator will overfit them; use more samples or --calibration-tokens %d", n_tokens, width, 8 * width)
 
-    stream.load_outside(device, dtype)
     layers: dict[str, dict[str, Any]] = {}
-    n_files = len(stream.blocks) + 1
+    n_vision = len(vision[1]) if vision and vision_plan else 0
+    n_files = n_vision + len(stream.blocks) + 1
     weight_map: dict[str, str] = {}
     with staged_output(out_path, overwrite, (base_dir, calibration)) as tmp:
+
+        def shard(index: int, tensors: dict[str, torch.Tensor]) -> None:  # shard files: vision blocks, blocks, the rest
+            fname = f"model-{index + 1:05d}-of-{n_files:05d}.safetensors"
+            save_finite(tensors, tmp / fname)
+            weight_map.update({k: fname for k in tensors})
+
+        if vision_plan:
+            layers.update(_compress_vision(base_dir, vision[0], vision_plan, ids, shard, device, dtype, stats_dtype, cfg))
+        stream.load_outside(device, dtype)  # the vision tower as it is: the blocks are calibrated on the original's features
         for step in stream.passes(ids, device, dtype, stats_dtype=stats_dtype, batch_tokens=cfg.batch_tokens,
                                   sequential=cfg.sequential, desc="building emulator"):
             layers.update(_compress_block(step, plan, stream.store, device, dtype, stats_dtype, cfg))
-            fname = f"model-{step.index + 1:05d}-of-{n_files:05d}.safetensors"
-            tensors = {step.prefix + k: v.detach().to("cpu").contiguous() for k, v in step.block.state_dict().items()}
-            save_finite(tensors, tmp / fname)
-            weight_map.update({k: fname for k in tensors})
-            del tensors
+            shard(n_vision + step.index, {step.prefix + k: v.detach().to("cpu").contiguous() for k, v in step.block.state_dict().items()})
             fault_point("build_block", step.index + 1)
 
         rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
-                if not name.startswith(prefix)}
+                if not name.startswith(prefix) and not (vision_prefix and name.startswith(vision_prefix))}
         save_finite(rest, tmp / rest_file)
         weight_map.update({k: rest_file for k in rest})
         write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
@@ -487,6 +525,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             "fingerprint": fingerprint(tmp),
             "family": family_of(model.config).name,
             "blocks": stream.blocks_name,
+            **({"vision_blocks": vision[0]} if vision and vision_plan else {}),
             "config": cfg,
             "calibration": {"file": str(Path(calibration).expanduser().resolve()), "samples": len(ids),
                             "tokens": n_tokens, "widest_layer_input": width},

@@ -77,15 +77,30 @@ class Family:
             return f"{path}.{name}", blocks
         return _largest_block_stack(model)
 
+    def vision_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+        """(dotted name, module list) of the vision tower's blocks, the largest stack outside the
+        language model; None for a family without one. Compressed only where a ratio table asks."""
+        if self.search_in != "decoder":
+            return None
+        decoder = model.get_decoder()
+        path = next(n for n, m in model.named_modules() if m is decoder)
+        try:
+            return _largest_block_stack(model, exclude=path)
+        except EmlocError:
+            return None
+
     def post_processes_logits(self, config) -> bool:
         return any(getattr(config, a, None) not in (None, 1, 1.0) for a in self.logit_postprocessing)
 
 
-def _largest_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of identical modules (with nn.Linear layers) holding the most parameters."""
+def _largest_block_stack(model: nn.Module, exclude: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of identical modules (with nn.Linear layers) holding the most parameters
+    (outside the submodule `exclude`, if given)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        if exclude is not None and (name == exclude or name.startswith(exclude + ".")):
             continue
         if len({type(m) for m in mod}) != 1:
             continue

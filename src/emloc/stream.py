@@ -73,6 +73,7 @@ class _Batch:
     hidden: torch.Tensor  # B x T x d, the block's input
     kwargs: dict[str, Any]  # the block's other arguments (masks, positions, rotary tables)
     mask: torch.Tensor | None  # (B*T,) bool, real tokens; None when the batch has no padding
+    args: tuple = ()  # the block's positional arguments after the hidden states (e.g. a vision layer's mask)
 
 
 def batches_by_length(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -113,17 +114,25 @@ class StreamedModel:
         prefix: `blocks_name + "."`.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, blocks: str | None = None) -> None:
         self.folder = Path(folder)
         self.model = empty_model(load_config(self.folder))
         self.model.eval()
         self.store = WeightStore(self.folder).align(self.model)
-        self.blocks_name, self.blocks = find_blocks(self.model)
+        if blocks is None:
+            self.blocks_name, self.blocks = find_blocks(self.model)
+        else:  # another stack, e.g. a vision tower's
+            self.blocks_name, self.blocks = blocks, self.model.get_submodule(blocks)
         self.prefix = self.blocks_name + "."
+        # the records' real-token mask applies to a stack that runs on the token sequence, not to a
+        # vision tower's (images x patches, never padded)
+        self.token_mask = blocks is None
 
-    def load_outside(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Read every weight outside the blocks (embeddings, final norm, head) onto `device`."""
-        materialize(self.model, "", self.store, device, dtype, keep=lambda name: not name.startswith(self.prefix))
+    def load_outside(self, device: torch.device, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
+        """Read every weight outside the blocks (embeddings, final norm, head) onto `device`, except
+        those under the dotted prefixes `skip` (modules the pass never reaches)."""
+        left_out = (self.prefix, *(p.rstrip(".") + "." for p in skip))
+        materialize(self.model, "", self.store, device, dtype, keep=lambda name: not name.startswith(left_out))
         self.store.release()
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
@@ -137,7 +146,7 @@ class StreamedModel:
         def hook(_mod, args, kwargs):
             kwargs = dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            store.append(_Batch(hidden, kwargs, None))
+            store.append(_Batch(hidden, kwargs, None, tuple(args[1:])))
             raise _Captured
 
         ids = [r if isinstance(r, list) else r.input_ids for r in records]
@@ -161,7 +170,7 @@ class StreamedModel:
                         pass
                     if len(store) != n + 1:
                         raise EmlocError("the model never reached its first transformer block; emloc cannot calibrate this architecture")
-                    if not mask.all():
+                    if self.token_mask and not mask.all():
                         store[-1].mask = mask.reshape(-1).bool().to(device)
         finally:
             handle.remove()
@@ -188,7 +197,7 @@ class StreamedModel:
             if i < last:
                 if sequential or step.outputs is None:
                     step.outputs = step.forward()
-                inputs = [_Batch(o, b.kwargs, b.mask) for o, b in zip(step.outputs, inputs)]
+                inputs = [_Batch(o, b.kwargs, b.mask, b.args) for o, b in zip(step.outputs, inputs)]
             step.outputs = None
             to_meta(block)
             self.store.release()
@@ -214,7 +223,7 @@ class BlockPass:
     def forward(self) -> list[torch.Tensor]:
         """The block's outputs on every calibration batch."""
         with torch.no_grad():
-            return [_block_output(self.block(b.hidden, **b.kwargs)) for b in self.inputs]
+            return [_block_output(self.block(b.hidden, *b.args, **b.kwargs)) for b in self.inputs]
 
     def run(self, requests: dict[str, set[Any] | tuple[Any, ...]]) -> dict[str, LayerStats]:
         """Run the block on the calibration batches and return the statistics asked for.
@@ -281,7 +290,7 @@ class BlockPass:
             with torch.no_grad():
                 for b in self.inputs:
                     current["mask"] = b.mask
-                    outputs.append(_block_output(self.block(b.hidden, **b.kwargs)))
+                    outputs.append(_block_output(self.block(b.hidden, *b.args, **b.kwargs)))
                     shared.clear()
         finally:
             for h in hooks:

@@ -120,13 +120,16 @@ def _processor(tok):
                           num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
 
 
-def build_vqa_model(target: Path, steps: int = RECIPE["steps"], seed: int = RECIPE["seed"]) -> Path:
+def build_vqa_model(target: Path, steps: int = RECIPE["steps"], seed: int = RECIPE["seed"], captions: int = RECIPE["captions"],
+                    held: int = 64) -> Path:
     """Assemble and pretrain the VLM (vision tower + projector on captions, language model frozen) into `target`.
 
     Args:
         target: output folder (written under a temporary name, then renamed).
         steps: optimizer steps of the captioning stage (tests use a few).
         seed: seed of the weights and the data order.
+        captions: caption records drawn (the first `held` are held out to score the captions).
+        held: held-out caption records.
     """
     from .artifacts import staged_output
     from .data import collate, encode
@@ -136,8 +139,8 @@ def build_vqa_model(target: Path, steps: int = RECIPE["steps"], seed: int = RECI
     torch.manual_seed(seed)
     model, tok = _assemble(resolve_model("smollm2-135m"))
     proc = _processor(tok)
-    records = caption_records(RECIPE["captions"], seed)
-    held, train = records[:64], records[64:]
+    records = caption_records(captions, seed)
+    held_out, train = records[:held], records[held:]
     examples = [encode(r, tok, 128, proc) for r in train]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -167,12 +170,12 @@ def build_vqa_model(target: Path, steps: int = RECIPE["steps"], seed: int = RECI
     model.eval()
     model.model.language_model.to(torch.float32).load_state_dict(llm_state)
     model.tie_weights()
-    accuracy = caption_accuracy(model, tok, proc, held)
+    accuracy = caption_accuracy(model, tok, proc, held_out)
     with staged_output(target, overwrite=True) as tmp:
         model.config.name_or_path = VQA_MODEL
         model.save_pretrained(tmp, safe_serialization=True)
         proc.save_pretrained(tmp)
-        source = {"prepared": VQA_MODEL, "install": INSTALL, "recipe": dict(RECIPE, steps=steps, seed=seed),
+        source = {"prepared": VQA_MODEL, "install": INSTALL, "recipe": dict(RECIPE, steps=steps, seed=seed, captions=captions),
                   "vision": VISION, "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4) if losses else None,
                   "held_out_caption_accuracy": accuracy}
         (tmp / SOURCE).write_text(json.dumps(source) + "\n")
