@@ -315,3 +315,32 @@ def test_vision_tower_is_compressed_only_where_a_ratio_table_asks(tmp_path, llav
     with pytest.raises(EmlocError, match="no calibration record has an image"):
         build_emulator(llava, text, tmp_path / "e2", EmulatorConfig(ratio=rules, samples=8, method="svd", device="cpu"))
     assert not (tmp_path / "e2").exists()
+
+
+def test_paper_correction_identity_per_layer_on_the_vlm(tmp_path, llava, image_data):
+    """Inside each LoRA's input subspace, the original + corrected LoRA equals the emulator + trained LoRA."""
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, load_emulator, train_adapter
+    from emloc.correct import CorrectConfig
+    from transformers import AutoModelForImageTextToText
+
+    emu = build_emulator(llava, image_data, tmp_path / "emu", EmulatorConfig(ratio=0.4, samples=8, method="svd", device="cpu"))
+    ad = train_adapter(emu, image_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=4, lr=5e-2, device="cpu", eval_fraction=0))
+    cor = correct_adapter(ad, tmp_path / "cor", CorrectConfig(mode="paper", clamp=None, device="cpu"))
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / cfg["r"]
+    a, c = load_file(ad / "adapter_model.safetensors"), load_file(cor / "adapter_model.safetensors")
+    base = AutoModelForImageTextToText.from_pretrained(llava, dtype=torch.float64)
+    em = load_emulator(emu, "cpu", "float32").double()
+    checked = 0
+    for key in (k for k in a if k.endswith("lora_A.weight")):
+        name = key[len("base_model.model."):-len(".lora_A.weight")]
+        w = base.get_submodule(name).weight
+        lin = em.get_submodule(name)
+        w_e = lin.dense_weight(torch.float64) if hasattr(lin, "dense_weight") else lin.weight
+        la, lb = a[key].double(), a[key.replace("lora_A", "lora_B")].double()
+        ca, cb = c[key].double(), c[key.replace("lora_A", "lora_B")].double()
+        x = torch.randn(5, la.shape[0], dtype=torch.float64) @ la
+        with torch.no_grad():
+            torch.testing.assert_close(x @ (w + s * cb @ ca).T, x @ (w_e + s * lb @ la).T, atol=1e-6, rtol=1e-6)
+        checked += 1
+    assert checked == 14  # 7 linears x 2 blocks of the language model
