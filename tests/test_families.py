@@ -37,7 +37,7 @@ def test_an_entry_overrides_the_generic_search(monkeypatch):
     monkeypatch.setattr(fam, "_largest_block_stack", refuse)
     with pytest.raises(AssertionError, match="generic search"):
         find_blocks(model)
-    monkeypatch.setitem(fam.BY_MODEL_TYPE, "llama", dataclasses.replace(fam.CAUSAL_LM, name="pinned", blocks="model.layers"))
+    monkeypatch.setitem(fam.BY_MODEL_TYPE, "llama", dataclasses.replace(fam.CAUSAL_LM, name="pinned", blocks=("model.layers",)))
     name, blocks = find_blocks(model)
     assert name == "model.layers" and blocks is model.model.layers
 

@@ -291,11 +291,11 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     dtype = parse_dtype(ecfg.get("dtype", "auto"), device)
     sd = parse_stats_dtype(ecfg.get("stats_dtype", "float64"))
     stream = StreamedModel(base_dir)
-    outside = [m for m in wanted if not m.startswith(stream.prefix)]
+    outside = [m for m in wanted if not stream.inside(m)]
     if outside:
         raise EmlocError(f"{outside[0]} is not a linear layer inside the transformer blocks ({stream.blocks_name}); "
                          "emloc corrects LoRA on block linears only")
-    last = max(int(m[len(stream.prefix):].split(".")[0]) for m in wanted)
+    last = max(stream.block_index(m) for m in wanted)
     stream.load_outside(device, dtype)
     for step in stream.passes(ids, device, dtype, stats_dtype=sd, batch_tokens=int(ecfg.get("batch_tokens", BATCH_TOKENS)),
                               last=last, desc="calibration statistics"):

@@ -224,7 +224,7 @@ def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | No
     """Which layers get which rank, in the blocks and (where a ratio-table rule names them) in the
     vision tower's blocks `vision`; decided before any weight is read, so bad rules fail first."""
     used = [False] * len(rules)
-    plan = _plan_stack(stream.prefix, stream.blocks, rules, targets, cfg, used, every=True)
+    plan = {k: v for name, stack in stream.stacks for k, v in _plan_stack(name + ".", stack, rules, targets, cfg, used, True).items()}
     if not plan:
         raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
     vision_plan = _plan_stack(vision[0] + ".", vision[1], rules, targets, cfg, used, every=False) if vision else {}
@@ -474,7 +474,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     n_tokens = sum(len(e.input_ids) for e in ids)
 
     stream = StreamedModel(base_dir)
-    model, prefix = stream.model, stream.prefix
+    model = stream.model
     total_params = sum(p.numel() for p in model.parameters())  # meta tensors know their size
     # the vision tower is compressed only where a ratio table's rule names its layers
     vision = None if isinstance(cfg.ratio, (int, float)) else family_of(model.config).vision_blocks(model)
@@ -507,7 +507,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
 
         rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
-                if not name.startswith(prefix) and not (vision_prefix and name.startswith(vision_prefix))}
+                if not stream.inside(name) and not (vision_prefix and name.startswith(vision_prefix))}
         save_finite(rest, tmp / rest_file)
         weight_map.update({k: rest_file for k in rest})
         write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})

@@ -30,7 +30,11 @@ class Family:
         name: short name, recorded in manifests.
         auto_class: the transformers Auto class that builds and loads it.
         task_type: PEFT task type of its LoRA.
-        blocks: dotted path of the block stack to compress, or None for the generic search.
+        blocks: dotted paths of the block stacks to compress, walked in this order (a Flux
+            denoiser's double-stream then single-stream blocks), or None for the generic search.
+        block_outputs: names of the entries of the tuple a block returns, when the next block takes
+            more than the hidden states (`("encoder_hidden_states", "hidden_states")` for Flux and SD3
+            blocks); None: the first entry (or the only output) is the next block's hidden states.
         search_in: where the generic search looks: `model` (everywhere) or `decoder` (inside
             `model.get_decoder()`: a vision-language model's language model, whose blocks the vision
             tower may outweigh).
@@ -41,7 +45,8 @@ class Family:
     name: str
     auto_class: str
     task_type: str
-    blocks: str | None = None
+    blocks: tuple[str, ...] | None = None
+    block_outputs: tuple[str, ...] | None = None
     search_in: str = "model"
     logit_postprocessing: tuple[str, ...] = LOGIT_POSTPROCESSING
 
@@ -66,10 +71,16 @@ class Family:
     def load(self, folder, **kwargs: Any) -> nn.Module:
         return self.auto().from_pretrained(folder, **kwargs)
 
-    def find_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
-        """(dotted name, module list) of the blocks to compress."""
+    def find_stacks(self, model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+        """(dotted name, module list) of every block stack to compress, in the order they run."""
         if self.blocks is not None:
-            return self.blocks, model.get_submodule(self.blocks)  # type: ignore[return-value]
+            return [(b, model.get_submodule(b)) for b in self.blocks]  # type: ignore[misc]
+        return [self.find_blocks(model)]
+
+    def find_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """(dotted name, module list) of the (first) block stack to compress."""
+        if self.blocks is not None:
+            return self.blocks[0], model.get_submodule(self.blocks[0])  # type: ignore[return-value]
         if self.search_in == "decoder":
             decoder = model.get_decoder()
             path = next(n for n, m in model.named_modules() if m is decoder)

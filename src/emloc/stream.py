@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from .errors import EmlocError
 from .images import collate_extras
-from .models import WeightStore, block_linears, empty_model, find_blocks, load_config, materialize, to_meta
+from .families import family_of
+from .models import WeightStore, block_linears, empty_model, load_config, materialize, to_meta
 
 if TYPE_CHECKING:
     from .data import Example
@@ -95,8 +96,25 @@ class _Captured(Exception):
     """Raised by the pre-hook on block 0 once its inputs are stored."""
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def _block_output(out: Any, names: tuple[str, ...] | None = None) -> Any:
+    """What of a block's output the next block needs: the hidden states, or with `names` the whole tuple."""
+    if names is not None:
+        return tuple(out)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _carry(out: Any, batch: _Batch, names: tuple[str, ...] | None) -> _Batch:
+    """The next block's inputs: the block's output as hidden states; or each named output entry as
+    the next block's argument of that name (`hidden_states` positionally)."""
+    if names is None:
+        return _Batch(out, batch.kwargs, batch.mask, batch.args)
+    kwargs, hidden = dict(batch.kwargs), None
+    for name, value in zip(names, out):
+        if name == "hidden_states":
+            hidden = value
+        else:
+            kwargs[name] = value
+    return _Batch(hidden, kwargs, batch.mask, batch.args)
 
 
 class StreamedModel:
@@ -109,35 +127,52 @@ class StreamedModel:
         folder: the model folder.
         model: the meta skeleton (non-block weights become real after `load_outside`).
         store: the weight reader.
-        blocks_name: dotted name of the block ModuleList, e.g. `model.layers`.
-        blocks: the ModuleList (meta).
-        prefix: `blocks_name + "."`.
+        stacks: (dotted name, ModuleList) of each block stack, in the order they run (one for a
+            language model; a Flux denoiser's double- then single-stream blocks).
+        blocks: every block of every stack, in order (meta); a pass walks them all.
+        prefixes: the full name prefix of each block's modules, e.g. `model.layers.3.`.
+        blocks_name: the stacks' names, comma-separated (for manifests and messages).
+        prefix: the first stack's name + "." (the only one for a language model).
     """
 
     def __init__(self, folder: Path, blocks: str | None = None) -> None:
         self.folder = Path(folder)
-        self.model = empty_model(load_config(self.folder))
+        config = load_config(self.folder)
+        self.model = empty_model(config)
         self.model.eval()
         self.store = WeightStore(self.folder).align(self.model)
+        family = family_of(config)
         if blocks is None:
-            self.blocks_name, self.blocks = find_blocks(self.model)
+            self.stacks = family.find_stacks(self.model)
         else:  # another stack, e.g. a vision tower's
-            self.blocks_name, self.blocks = blocks, self.model.get_submodule(blocks)
-        self.prefix = self.blocks_name + "."
+            self.stacks = [(blocks, self.model.get_submodule(blocks))]
+        self.blocks = [b for _, stack in self.stacks for b in stack]
+        self.prefixes = [f"{name}.{i}." for name, stack in self.stacks for i in range(len(stack))]
+        self.blocks_name = ",".join(name for name, _ in self.stacks)
+        self.prefix = self.stacks[0][0] + "."
+        self.block_outputs = family.block_outputs if blocks is None else None
         # the records' real-token mask applies to a stack that runs on the token sequence, not to a
         # vision tower's (images x patches, never padded)
         self.token_mask = blocks is None
 
+    def inside(self, name: str) -> bool:
+        """Whether the module `name` lies inside one of the streamed blocks."""
+        return name.startswith(tuple(f"{n}." for n, _ in self.stacks))
+
+    def block_index(self, name: str) -> int:
+        """The position (in `blocks`) of the block holding module `name`."""
+        return next(i for i, p in enumerate(self.prefixes) if name.startswith(p))
+
     def load_outside(self, device: torch.device, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
         """Read every weight outside the blocks (embeddings, final norm, head) onto `device`, except
         those under the dotted prefixes `skip` (modules the pass never reaches)."""
-        left_out = (self.prefix, *(p.rstrip(".") + "." for p in skip))
+        left_out = (*(f"{n}." for n, _ in self.stacks), *(p.rstrip(".") + "." for p in skip))
         materialize(self.model, "", self.store, device, dtype, keep=lambda name: not name.startswith(left_out))
         self.store.release()
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 
-    def capture(self, records: "list[list[int]] | list[Example]", device: torch.device,
+    def capture(self, records: "list[list[int]] | list[Example] | list[dict[str, torch.Tensor]]", device: torch.device,
                 batch_tokens: int = BATCH_TOKENS) -> list[_Batch]:
         """Run the records (token ids, or `Example`s whose `extras` such as `pixel_values` go to the
         model too) through everything before block 0 in padded batches; return block 0's inputs."""
@@ -149,6 +184,8 @@ class StreamedModel:
             store.append(_Batch(hidden, kwargs, None, tuple(args[1:])))
             raise _Captured
 
+        if records and isinstance(records[0], dict):  # ready batches of model inputs (a denoiser's)
+            return self._capture_batches(records, device, store, hook)  # type: ignore[arg-type]
         ids = [r if isinstance(r, list) else r.input_ids for r in records]
         extras = [None if isinstance(r, list) else r.extras for r in records]
         groups = batches_by_length([len(i) for i in ids], batch_tokens)
@@ -176,6 +213,23 @@ class StreamedModel:
             handle.remove()
         return store
 
+    def _capture_batches(self, batches: list[dict[str, torch.Tensor]], device: torch.device, store: list[_Batch],
+                         hook: Any) -> list[_Batch]:
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in tqdm(batches, desc="capturing block inputs", leave=False):
+                    n = len(store)
+                    try:
+                        self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                    except _Captured:
+                        pass
+                    if len(store) != n + 1:
+                        raise EmlocError("the model never reached its first block; emloc cannot calibrate this architecture")
+        finally:
+            handle.remove()
+        return store
+
     def passes(self, ids: "list[list[int]] | list[Example]", device: torch.device, dtype: torch.dtype, *,
                stats_dtype: torch.dtype = torch.float64, batch_tokens: int = BATCH_TOKENS,
                last: int | None = None, sequential: bool = False, desc: str = "blocks") -> Iterator["BlockPass"]:
@@ -190,14 +244,14 @@ class StreamedModel:
         inputs = self.capture(ids, device, batch_tokens)
         last = len(self.blocks) - 1 if last is None else last
         for i in tqdm(range(last + 1), desc=desc, unit="block"):
-            block, bprefix = self.blocks[i], f"{self.prefix}{i}."
+            block, bprefix = self.blocks[i], self.prefixes[i]
             materialize(block, bprefix, self.store, device, dtype)
-            step = BlockPass(i, bprefix, block, inputs, stats_dtype)
+            step = BlockPass(i, bprefix, block, inputs, stats_dtype, names=self.block_outputs)
             yield step
             if i < last:
                 if sequential or step.outputs is None:
                     step.outputs = step.forward()
-                inputs = [_Batch(o, b.kwargs, b.mask, b.args) for o, b in zip(step.outputs, inputs)]
+                inputs = [_carry(o, b, self.block_outputs) for o, b in zip(step.outputs, inputs)]
             step.outputs = None
             to_meta(block)
             self.store.release()
@@ -218,12 +272,13 @@ class BlockPass:
     block: nn.Module
     inputs: list[_Batch] = field(repr=False)
     stats_dtype: torch.dtype = torch.float64
-    outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+    outputs: list[Any] | None = field(default=None, repr=False)
+    names: tuple[str, ...] | None = None  # the family's `block_outputs`
 
-    def forward(self) -> list[torch.Tensor]:
+    def forward(self) -> list[Any]:
         """The block's outputs on every calibration batch."""
         with torch.no_grad():
-            return [_block_output(self.block(b.hidden, *b.args, **b.kwargs)) for b in self.inputs]
+            return [_block_output(self.block(b.hidden, *b.args, **b.kwargs), self.names) for b in self.inputs]
 
     def run(self, requests: dict[str, set[Any] | tuple[Any, ...]]) -> dict[str, LayerStats]:
         """Run the block on the calibration batches and return the statistics asked for.
@@ -290,7 +345,7 @@ class BlockPass:
             with torch.no_grad():
                 for b in self.inputs:
                     current["mask"] = b.mask
-                    outputs.append(_block_output(self.block(b.hidden, *b.args, **b.kwargs)))
+                    outputs.append(_block_output(self.block(b.hidden, *b.args, **b.kwargs), self.names))
                     shared.clear()
         finally:
             for h in hooks:
