@@ -60,7 +60,8 @@ from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, legacy_o
                         save_finite, staged_output, versions, write_json)
 from .checkpoint import fault_point
 from .errors import EmlocError
-from .models import WeightStore, empty_model, load_config, load_processor, load_tokenizer, open_safetensors, resolve_model
+from .families import family_of
+from .models import WeightStore, empty_model, load_config, open_safetensors, resolve_model
 from .stream import BATCH_TOKENS
 
 log = logging.getLogger("emloc")
@@ -271,7 +272,6 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     compressed ones, their statistics accumulated from the original's activations as the blocks
     stream past (`ProjectedStatistics`: m x r and r x r per layer).
     """
-    from .data import calibration_records
     from .emulator import load_layer
     from .models import parse_device, parse_dtype, parse_stats_dtype
     from .selection import calibration_file
@@ -284,9 +284,7 @@ def _weighted_statistics(cfg: CorrectConfig, emanifest: dict[str, Any], base_dir
     yield from ((m, None) for m in modules if m not in wanted)
     if not wanted:
         return
-    tok = load_tokenizer(base_dir)
-    ids = calibration_records(data, tok, int(ecfg.get("samples", 64)), int(ecfg.get("max_length", 512)), int(ecfg.get("seed", 0)),
-                              ecfg.get("calibration_tokens"), load_processor(base_dir))
+    ids, _ = family_of(load_config(base_dir)).calibrate(base_dir, Path(data), ecfg)  # the build's draw, replayed
     device = parse_device(cfg.device)
     dtype = parse_dtype(ecfg.get("dtype", "auto"), device)
     sd = parse_stats_dtype(ecfg.get("stats_dtype", "float64"))

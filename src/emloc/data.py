@@ -31,11 +31,21 @@ log = logging.getLogger("emloc")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a JSONL data file.
+    """Read and validate a JSONL data file of text (or image-text) records.
 
     Raises:
         EmlocError: missing, empty, not JSONL, or records without the expected fields.
     """
+    records = read_jsonl_objects(path)
+    fmt = detect_format(records[0], f"{path} line 1")
+    for i, rec in enumerate(records, 1):
+        if detect_format(rec, f"{path} record {i}") != fmt:
+            raise EmlocError(f"{path} record {i} has a different format from record 1; use one format per file")
+    return records
+
+
+def read_jsonl_objects(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (at least one), with one-line errors for anything else."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise EmlocError(f"data file {path} does not exist; give a JSONL file (one JSON object per line)")
@@ -56,10 +66,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         records.append(rec)
     if not records:
         raise EmlocError(f"data file {path} is empty; it needs at least one JSON record")
-    fmt = detect_format(records[0], f"{path} line 1")
-    for i, rec in enumerate(records, 1):
-        if detect_format(rec, f"{path} record {i}") != fmt:
-            raise EmlocError(f"{path} record {i} has a different format from record 1; use one format per file")
     return records
 
 
@@ -227,6 +233,21 @@ def calibration_records(path: str | Path, tok, samples: int, max_length: int, se
                 break
             chosen.append(e)
     return chosen
+
+
+def text_calibration(base_dir: Path, path: Path, settings: dict[str, Any]) -> tuple[list[Example], int]:
+    """The calibration records of a language (or vision-language) model and their token count, from
+    the emulator settings (`samples`, `max_length`, `seed`, `calibration_tokens`)."""
+    from .models import load_processor, load_tokenizer
+
+    samples = int(settings.get("samples", 64))
+    tok = load_tokenizer(base_dir)
+    n = len(read_jsonl(path))
+    if n < samples:
+        log.warning("calibration: %d records asked for but %s holds only %d; using all of them", samples, path, n)
+    records = calibration_records(path, tok, samples, int(settings.get("max_length", 512)), int(settings.get("seed", 0)),
+                                  settings.get("calibration_tokens"), load_processor(base_dir))
+    return records, sum(len(e.input_ids) for e in records)
 
 
 def calibration_ids(path: str | Path, tok, samples: int, max_length: int, seed: int,

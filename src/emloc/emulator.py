@@ -18,7 +18,7 @@ import math
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,11 @@ from torch import nn
 from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, save_finite, staged_output,
                         versions, write_json)
 from .checkpoint import fault_point
-from .data import calibration_records, read_jsonl
 from .errors import EmlocError
 from .families import family_of
 from .lowrank import (EIG_FLOOR, LowRankLinear, Spectrum, allocate_ranks, input_eigh, input_spectrum, output_spectrum,
                       rank_for_ratio, saves_parameters)
-from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, find_blocks, load_config, load_processor, load_tokenizer,
+from .models import (WeightStore, block_linears, check_targets, copy_tokenizer_files, empty_model, find_blocks, load_config,
                      materialize, parse_device, parse_dtype, parse_stats_dtype, resolve_model)
 from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, format_for, pack, quantize_gptq, quantize_rtn, weighted_error
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
@@ -70,6 +69,7 @@ class EmulatorConfig:
         samples: number of calibration records (drawn with `seed`).
         calibration_tokens: if set, keep drawing records past `samples` until the calibration holds at
             least this many tokens (or the data runs out).
+        draws: (denoisers) seeded (noise, timestep) pairs per calibration image.
         max_length: tokens per calibration record.
         whiten: activation-aware SVD (True) or plain SVD (False, for comparison).
         sequential: feed each block the emulator's own outputs (GPTQ-style) instead of the original's.
@@ -99,6 +99,7 @@ class EmulatorConfig:
     targets: str | None = None
     samples: int = 64
     calibration_tokens: int | None = None
+    draws: int = 4
     max_length: int = 512
     whiten: bool = True
     sequential: bool = False
@@ -461,17 +462,11 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
 
-    # Calibration data: seeded draw, optionally extended to a token target.
-    tok = load_tokenizer(base_dir)
-    records = read_jsonl(calibration)
+    # Calibration data, as the model's family reads it: a seeded draw of records (a denoiser's with
+    # seeded noise and timesteps), optionally extended to a token target.
     if cfg.samples < 1:
         raise EmlocError(f"--samples must be at least 1 (got {cfg.samples})")
-    if len(records) < cfg.samples:
-        log.warning("calibration: %d records asked for but %s holds only %d; using all of them", cfg.samples, calibration, len(records))
-    del records
-    ids = calibration_records(calibration, tok, cfg.samples, cfg.max_length, cfg.seed, cfg.calibration_tokens,
-                              load_processor(base_dir))
-    n_tokens = sum(len(e.input_ids) for e in ids)
+    ids, n_tokens = family_of(load_config(base_dir)).calibrate(base_dir, Path(calibration).expanduser(), asdict(cfg))
 
     stream = StreamedModel(base_dir)
     model = stream.model
@@ -603,6 +598,7 @@ def load_emulator(path: str | Path, device: str = "auto", dtype: str = "auto") -
         raise EmlocError(f"{folder} is missing weights ({left[0]}...); rebuild the emulator")
     model.eval()
     model.name_or_path = str(folder.resolve())
-    model.config.name_or_path = str(folder.resolve())
+    if not isinstance(model.config, dict):  # a diffusers config is frozen
+        model.config.name_or_path = str(folder.resolve())
     model.emloc_manifest = manifest
     return model

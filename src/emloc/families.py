@@ -44,16 +44,28 @@ class Family:
 
     name: str
     auto_class: str
-    task_type: str
+    task_type: str | None
     blocks: tuple[str, ...] | None = None
     block_outputs: tuple[str, ...] | None = None
     search_in: str = "model"
     logit_postprocessing: tuple[str, ...] = LOGIT_POSTPROCESSING
+    library: str = "transformers"
+    calibration: str = "emloc.data:text_calibration"
+    lora_prefix: str | None = None
+    default_targets: tuple[str, ...] | None = None
+
+    def calibrate(self, base_dir, path, settings: dict[str, Any]) -> tuple[list, int]:
+        """The calibration inputs the block-streaming engine runs (records, or ready batches of model
+        inputs) and their token count, from the emulator settings `settings` (samples, seed...)."""
+        import importlib
+
+        module, fn = self.calibration.split(":")
+        return getattr(importlib.import_module(module), fn)(base_dir, path, settings)
 
     def auto(self) -> Any:
-        import transformers
+        import importlib
 
-        return getattr(transformers, self.auto_class)
+        return getattr(importlib.import_module(self.library), self.auto_class)
 
     def skeleton(self, config) -> nn.Module:
         """The model with parameters on the meta device (no memory, no init); buffers are real."""
@@ -63,9 +75,10 @@ class Family:
             try:
                 model = self.auto().from_config(config)
             except ValueError as exc:
-                raise EmlocError(f"{config.model_type!r} is not a model that transformers can build as "
-                                 f"{self.auto_class}: {exc}") from None
-        model.tie_weights()  # tied parameters then appear once in named_parameters() and are read once
+                kind = getattr(config, "model_type", None) or self.auto_class
+                raise EmlocError(f"{kind!r} is not a model that {self.library} can build as {self.auto_class}: {exc}") from None
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # tied parameters then appear once in named_parameters() and are read once
         return model
 
     def load(self, folder, **kwargs: Any) -> nn.Module:
@@ -131,6 +144,28 @@ CAUSAL_LM = Family("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM")
 # model; only the language model's blocks are compressed and LoRA'd by default.
 IMAGE_TEXT = Family("image-text-to-text", "AutoModelForImageTextToText", "CAUSAL_LM", search_in="decoder")
 
+# Diffusers denoisers (PeftAdapterMixin): their blocks return (encoder_hidden_states, hidden_states),
+# both of which the next block takes; Flux runs its double-stream blocks, then its single-stream ones.
+# LoRA targets as diffusers' DreamBooth scripts write them; the diffusers LoRA file's key prefix.
+DIFFUSION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+_DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusion:denoiser_calibration", block_outputs=("encoder_hidden_states", "hidden_states"),
+                 lora_prefix="transformer", default_targets=DIFFUSION_TARGETS, logit_postprocessing=())
+FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER)
+SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER)
+BY_DIFFUSERS_CLASS: dict[str, Family] = {f.auto_class: f for f in (FLUX, SD3)}
+
+
+def diffusers_class(name: str) -> Any:
+    """The diffusers model class of a diffusers config's `_class_name`, if emloc has a family for it."""
+    if name not in BY_DIFFUSERS_CLASS:
+        raise EmlocError(f"diffusers model {name!r} is not supported; emloc streams {', '.join(BY_DIFFUSERS_CLASS)}")
+    try:
+        return BY_DIFFUSERS_CLASS[name].auto()
+    except ImportError:
+        raise EmlocError("this is a diffusers model; install diffusers: pip install 'emloc[diffusion]'") from None
+
+
 # Model types whose facts differ from their kind's defaults (e.g. blocks the generic search would
 # miss because another stack is larger); empty while every supported type is found generically.
 BY_MODEL_TYPE: dict[str, Family] = {}
@@ -139,6 +174,8 @@ BY_MODEL_TYPE: dict[str, Family] = {}
 def family_of(config) -> Family:
     """The family of a model config: an entry for its `model_type`, else its kind (a config with a
     vision and a text part is a vision-language model), else a causal LM."""
+    if isinstance(config, dict) and "_class_name" in config:  # a diffusers config
+        return BY_DIFFUSERS_CLASS.get(config["_class_name"]) or diffusers_class(config["_class_name"])
     entry = BY_MODEL_TYPE.get(getattr(config, "model_type", None) or "")
     if entry is not None:
         return entry

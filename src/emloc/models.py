@@ -195,9 +195,22 @@ def _convert(spec: PackagedModel, name: str, target: Path) -> None:
         (tmp / SOURCE).write_text(json.dumps({"packaged": name, "install": spec.install, "sha256": spec.sha256}) + "\n")
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
 def load_config(folder: Path):
+    """The model's config: a transformers config, or for a diffusers model folder (its config.json
+    names a `_class_name`) the diffusers config dict."""
     from transformers import AutoConfig
 
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    if isinstance(raw, dict) and "_diffusers_version" in raw:
+        from .families import diffusers_class
+
+        return diffusers_class(raw.get("_class_name", "?")).load_config(folder)
     try:
         return AutoConfig.from_pretrained(folder)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
@@ -268,6 +281,8 @@ def index_map(folder: Path) -> dict[str, str] | None:
     """The tensor -> file map of `model.safetensors.index.json`, or None without an index."""
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
+        index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
+    if not index.is_file():
         return None
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -289,8 +304,9 @@ def weight_files(folder: str | Path) -> list[Path]:
     index = index_map(folder)
     if index is not None:
         return [folder / n for n in dict.fromkeys(index.values())]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
+    for name in ("model.safetensors", DIFFUSERS_WEIGHTS):
+        if (folder / name).is_file():
+            return [folder / name]
     return sorted(folder.glob("*.safetensors"))
 
 
@@ -322,6 +338,10 @@ class WeightStore:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightRenaming, rename_source_key
         except ImportError:  # older transformers: checkpoint names are model names
+            return self
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):  # a diffusers model: checkpoint names are model names
             return self
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
