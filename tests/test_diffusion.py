@@ -92,3 +92,47 @@ def test_ratio_one_emulator_reproduces_the_denoiser(tmp_path, denoiser):
     assert all(0 <= man["layers"][k]["rel_error"] < 1 for k in compressed)
     out = _outputs(load_emulator(half, "cpu", "float32"), batches)
     assert all(torch.isfinite(o).all() for o in out)
+
+
+def _batch(kind: str, seed: int = 5):
+    from emloc.diffusion import model_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 16, generator=g), "pooled_projections": torch.randn(2, 16, generator=g)}
+    return model_inputs(kind, x, torch.tensor([0.3, 0.8]), cond)
+
+
+def test_train_correct_and_load_with_diffusers(tmp_path, denoiser):
+    """LoRA on the emulator with the flow-matching loss; the corrected adapter loads with plain PEFT and,
+    as a diffusers LoRA file (r != alpha), with `load_lora_adapter`, giving the same outputs."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, train_adapter
+    from emloc.correct import CorrectConfig
+
+    kind, base, data = denoiser
+    cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
+    emu = build_emulator(base, data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=6, draws=2, method="svd", device="cpu"))
+    ad = train_adapter(emu, data, tmp_path / "ad", TrainConfig(steps=4, batch_size=4, rank=4, alpha=12, lr=1e-2, device="cpu",
+                                                               eval_fraction=0.2))
+    man = json.loads((ad / "manifest.json").read_text())
+    rows = [json.loads(line) for line in (ad / "loss_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["loss"] > 0 for r in rows) and man["final_eval_loss"] > 0
+    keys = list(safe_open(ad / "adapter_model.safetensors", "pt").keys())
+    assert keys and all(".attn." in k or ".ff" in k or "proj_" in k for k in keys)  # diffusers' usual targets only
+    assert not any("norm1" in k for k in keys)
+    for mode in ("weighted", "auto"):
+        cor = correct_adapter(ad, tmp_path / mode, CorrectConfig(mode=mode, device="cpu"))
+    cor = tmp_path / "weighted"
+    batch = _batch(kind)
+    with torch.no_grad():
+        ref = cls.from_pretrained(base).eval()
+        plain = ref(**batch)[0]
+        via_peft = PeftModel.from_pretrained(cls.from_pretrained(base), cor).eval()(**batch)[0]
+        d = cls.from_pretrained(base)
+        d.load_lora_adapter(str(cor), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+        via_diffusers = d.eval()(**batch)[0]
+    assert not torch.allclose(via_peft, plain)  # the adapter does something
+    torch.testing.assert_close(via_diffusers, via_peft, atol=1e-5, rtol=1e-5)

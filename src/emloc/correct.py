@@ -357,6 +357,22 @@ def _check_foreign_adapter(acfg: dict[str, Any], emu_dir: Path) -> None:
                 "verified by fingerprint; make sure %s was not rebuilt since it was trained", emu_dir)
 
 
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+
+
+def write_diffusers_lora(path: Path, tensors: dict[str, torch.Tensor], acfg: dict[str, Any], prefix: str) -> None:
+    """Write PEFT adapter tensors as a diffusers LoRA file: keys `<prefix>.<module>.lora_A.weight`, and the
+    LoRA config in the metadata (keys `<prefix>.<field>`), so diffusers uses its `lora_alpha` and
+    `alpha_pattern` instead of assuming alpha = r."""
+    from safetensors.torch import save_file
+
+    peft_prefix = "base_model.model."
+    out = {f"{prefix}.{k[len(peft_prefix):] if k.startswith(peft_prefix) else k}": v.contiguous() for k, v in tensors.items()}
+    meta = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in acfg.items()
+            if k not in ("base_model_name_or_path", "revision", "auto_mapping", "task_type")}
+    save_file(out, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)})
+
+
 def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConfig | None = None, overwrite: bool = False,
                     *legacy: Any, emulator: str | Path | None = None, base: str | Path | None = None) -> Path:
     """Write a corrected copy of an emulator-trained adapter for the original model.
@@ -448,6 +464,9 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
         (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
         if (adapter / "README.md").is_file():
             shutil.copy2(adapter / "README.md", tmp / "README.md")
+        prefix = family_of(skeleton.config).lora_prefix
+        if prefix:  # a denoiser: also the file diffusers' `load_lora_weights` / `load_lora_adapter` read
+            write_diffusers_lora(tmp / DIFFUSERS_LORA, new, acfg, prefix)
         clamped = sum(r["clamped"] for r in report.values())
         directions = sum(r["rank"] for r in report.values())
         write_json(tmp / MANIFEST, {

@@ -51,6 +51,7 @@ class Family:
     logit_postprocessing: tuple[str, ...] = LOGIT_POSTPROCESSING
     library: str = "transformers"
     calibration: str = "emloc.data:text_calibration"
+    objective: str = "emloc.objectives:AnswerNLL"
     lora_prefix: str | None = None
     default_targets: tuple[str, ...] | None = None
 
@@ -61,6 +62,13 @@ class Family:
 
         module, fn = self.calibration.split(":")
         return getattr(importlib.import_module(module), fn)(base_dir, path, settings)
+
+    def objective_for(self, model_dir, cfg: Any) -> Any:
+        """The training objective of this kind of model (see `emloc.objectives`), for `model_dir`."""
+        import importlib
+
+        module, cls = self.objective.split(":")
+        return getattr(importlib.import_module(module), cls)(model_dir, cfg)
 
     def auto(self) -> Any:
         import importlib
@@ -149,7 +157,8 @@ IMAGE_TEXT = Family("image-text-to-text", "AutoModelForImageTextToText", "CAUSAL
 # LoRA targets as diffusers' DreamBooth scripts write them; the diffusers LoRA file's key prefix.
 DIFFUSION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
-_DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusion:denoiser_calibration", block_outputs=("encoder_hidden_states", "hidden_states"),
+_DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusion:denoiser_calibration",
+                 objective="emloc.objectives:FlowMatching", block_outputs=("encoder_hidden_states", "hidden_states"),
                  lora_prefix="transformer", default_targets=DIFFUSION_TARGETS, logit_postprocessing=())
 FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER)
 SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER)

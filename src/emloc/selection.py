@@ -1,7 +1,7 @@
 """Mode `auto` of `emloc correct`: pick the correction that serves the original model best.
 
 The candidates (the uncorrected, the weighted and the paper-corrected adapter) are scored by the
-original model's mean answer NLL on records of the emulator's calibration file that were not in
+original model's mean loss (answer NLL; a denoiser's MSE) on records of the emulator's calibration file that were not in
 its calibration draw, with forward passes only (the original at inference cost, the candidate
 adapters attached through PEFT one at a time). Which correction helps depends on the model, the
 ratio, the task and how far training moved the LoRA (see the benchmark in the README), so the
@@ -14,15 +14,16 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .data import collate, load_examples, sample
+from .data import sample
 from .errors import EmlocError
-from .models import load_processor, load_tokenizer
-from .loss import answer_nll
+from .families import family_of
+from .models import load_config
 
 log = logging.getLogger("emloc")
 
@@ -51,12 +52,13 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
         cfg: the `CorrectConfig` (calibration, device, select_records).
     """
     from peft import PeftModel
-    from .train import load_model
+
+    from .train import EVAL_SEED, load_model
 
     ecfg = emanifest.get("config", {})
-    tok = load_tokenizer(base_dir)
-    examples = sample(load_examples(calibration_file(cfg.calibration, emanifest), tok, int(ecfg.get("max_length", 512)),
-                                    load_processor(base_dir)), 10**9, int(ecfg.get("seed", 0)))
+    settings = SimpleNamespace(max_length=int(ecfg.get("max_length", 512)), loss_chunk=256)
+    objective = family_of(load_config(base_dir)).objective_for(base_dir, settings)
+    examples = sample(objective.load(calibration_file(cfg.calibration, emanifest)), 10**9, int(ecfg.get("seed", 0)))
     used = int(emanifest.get("calibration", {}).get("samples", ecfg.get("samples", 64)))
     held = examples[used: used + cfg.select_records]
     if not held:
@@ -64,9 +66,8 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
         held = examples[: cfg.select_records]
     net = load_model(base_dir, cfg.device, ecfg.get("dtype", "auto"))
     device = next(net.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     # batches of 4: the original plus three candidate adapters stay under its evaluation's peak (batch 8)
-    batches = [collate(held[i:i + SELECT_BATCH], pad) for i in range(0, len(held), SELECT_BATCH)]
+    batches = [list(range(i, min(i + SELECT_BATCH, len(held)))) for i in range(0, len(held), SELECT_BATCH)]
     scores: dict[str, float] = {}
     peft_model = None
     with tempfile.TemporaryDirectory(prefix="emloc-select-") as tmp:
@@ -82,8 +83,9 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
             peft_model.set_adapter(name)
             peft_model.eval()
             total, count = 0.0, 0
-            for b in batches:
-                s, n = answer_nll(peft_model, {k: v.to(device) for k, v in b.items()})
-                total, count = total + float(s), count + n
+            for b in batches:  # a denoiser's records draw fixed noise: every candidate sees the same
+                items = [held[j] for j in b]
+                s = objective.loss_sum(peft_model, items, device, [EVAL_SEED + j for j in b])
+                total, count = total + float(s), count + objective.count(items)
             scores[name] = total / max(count, 1)
     return min(scores, key=lambda k: scores[k]), scores

@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, legacy_order, peak_memory_mb, read_json_object, read_manifest,
                         staged_output, versions, write_json)
 from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
-from .data import IGNORE, Example, collate, load_examples, sample
+from .data import Example, sample
 from .errors import EmlocError
-from .loss import answer_nll
 from .families import family_of
-from .models import block_linears, check_targets, find_blocks, load_config, load_processor, load_tokenizer, parse_device, parse_dtype, resolve_model
+from .models import block_linears, check_targets, find_blocks, load_config, parse_device, parse_dtype, resolve_model
 from .sharding import load_lora_state, load_optimizer_state, lora_state, optimizer_state, rng_state, set_rng_state, shard_model
 
 log = logging.getLogger("emloc")
@@ -177,12 +176,19 @@ def _load_nf4(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Modu
 
 
 def default_targets(model: nn.Module) -> str:
-    """A PEFT `target_modules` regex covering every nn.Linear inside the transformer blocks."""
-    name, blocks = find_blocks(model)
-    rel = sorted({n for n, _ in block_linears(blocks[0])})
-    if not rel:
+    """A PEFT `target_modules` regex covering every nn.Linear inside the blocks of every stack (or,
+    for a family that names its usual targets, those of them the blocks have)."""
+    family = family_of(model.config)
+    parts = []
+    for name, blocks in family.find_stacks(model):
+        rel = sorted({n for b in blocks for n, _ in block_linears(b)})
+        if family.default_targets is not None:
+            rel = [r for r in rel if r in family.default_targets]
+        if rel:
+            parts.append(rf"{re.escape(name)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})")
+    if not parts:
         raise EmlocError("the model's blocks hold no nn.Linear layer to put LoRA on")
-    return rf"{re.escape(name)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})"
+    return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
 
 
 def lora_config(model: nn.Module, cfg: TrainConfig):
@@ -230,11 +236,6 @@ def _train_last_blocks(peft_model: nn.Module, k: int) -> None:
             p.requires_grad_(False)
 
 
-def answer_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry loss after the causal shift."""
-    return int((labels[:, 1:] != IGNORE).sum())
-
-
 def _schedule(optimizer, cfg: TrainConfig, steps: int):
     from transformers import get_scheduler
 
@@ -244,10 +245,14 @@ def _schedule(optimizer, cfg: TrainConfig, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup * steps), num_training_steps=steps)
 
 
+EVAL_SEED = 10**6  # held-out records draw their noise from fixed seeds (denoisers): the same grid every evaluation
+
+
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int, device: torch.device,
-              accelerator=None, chunk: int = 256) -> float:
-    """Token-weighted mean NLL on the answer tokens of `examples` (sharded over processes).
+def eval_loss(model: nn.Module, examples: list, micro: int, objective: Any, device: torch.device,
+              accelerator=None) -> float:
+    """The objective's mean held-out loss over `examples` (sharded over processes): answer-token NLL,
+    or a denoiser's MSE per pixel on a fixed (noise, t) draw per record.
 
     Every process runs the same number of forward passes: under FSDP each one is a collective, so a
     process with fewer records repeats its first one and discards the result.
@@ -255,14 +260,14 @@ def eval_loss(model: nn.Module, examples: list[Example], micro: int, pad_id: int
     was = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = examples[rank::world]
+    mine = list(range(len(examples)))[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, math.ceil(len(examples) / world), micro):
-        part = mine[i:i + micro]
-        b = {k: v.to(device) for k, v in collate(part or examples[:1], pad_id).items()}
-        nll, n = answer_nll(model, b, chunk)
-        if part:
-            total += torch.tensor([float(nll), n], dtype=torch.float64, device=device)
+        part = mine[i:i + micro] or [0]
+        items = [examples[j] for j in part]
+        nll = objective.loss_sum(model, items, device, [EVAL_SEED + j for j in part])
+        if mine[i:i + micro]:
+            total += torch.tensor([float(nll), objective.count(items)], dtype=torch.float64, device=device)
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was)
@@ -345,24 +350,24 @@ class _Loop:
     """One training run's moving parts: the step, the checkpoint (collective parts on every rank) and the resume."""
 
     def __init__(self, accelerator, model: nn.Module, raw: nn.Module, optimizer, scheduler, cfg: TrainConfig,
-                 pad_id: int, sharded: bool) -> None:
+                 objective: Any, sharded: bool) -> None:
         self.acc, self.model, self.raw, self.opt, self.sched, self.cfg = accelerator, model, raw, optimizer, scheduler, cfg
-        self.pad_id, self.sharded = pad_id, sharded
+        self.objective, self.sharded = objective, sharded
         self.world, self.device = accelerator.num_processes, accelerator.device
         self.micro = min(cfg.micro_batch_size, cfg.batch_size // self.world)
 
-    def step(self, batch: list[Example]) -> float:
-        """One optimizer step on a global batch; returns the batch's mean answer NLL (over all processes)."""
-        mine = batch[self.acc.process_index::self.world]
-        n_global = answer_tokens(collate(batch, self.pad_id)["labels"])
+    def step(self, batch: list, seeds: list[int]) -> float:
+        """One optimizer step on a global batch (`seeds`: one per record, for a denoiser's noise);
+        returns the batch's mean loss (over all processes)."""
+        mine = list(zip(batch, seeds))[self.acc.process_index::self.world]
+        n_global = self.objective.count(batch)
         loss_sum = 0.0
         chunks = [mine[i:i + self.micro] for i in range(0, len(mine), self.micro)]
         for j, chunk in enumerate(chunks):
-            b = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
             # DDP: reduce gradients once, after the last micro-batch (FSDP2 reduce-scatters every one; same sum)
             ctx = self.acc.no_sync(self.model) if j < len(chunks) - 1 and not self.sharded else contextlib.nullcontext()
             with ctx:
-                nll, _ = answer_nll(self.model, b, self.cfg.loss_chunk)
+                nll = self.objective.loss_sum(self.model, [c[0] for c in chunk], self.device, [c[1] for c in chunk])
                 loss = nll / max(n_global, 1)
                 # DDP and FSDP average gradients over processes; scale so the result is sum / n_global.
                 self.acc.backward(loss * self.world)
@@ -438,11 +443,8 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     net = load_model(model, device=str(device), dtype=cfg.dtype, quantize=cfg.quantize)
     source = read_manifest(model_path) if model_path.is_dir() else None
     model_dir = Path(net.name_or_path)
-    tok = load_tokenizer(model_dir)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    proc = load_processor(model_dir)
-    train_ex, held = _split(load_examples(data, tok, cfg.max_length, proc),
-                            load_examples(eval_data, tok, cfg.max_length, proc) if eval_data is not None else None, cfg)
+    objective = family_of(load_config(model_dir)).objective_for(model_dir, cfg)
+    train_ex, held = _split(objective.load(data), objective.load(eval_data) if eval_data is not None else None, cfg)
     steps = cfg.steps if cfg.steps else max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.batch_size))
 
     peft_model = _peft(net, cfg, sharded)
@@ -454,7 +456,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     if not sharded:  # FSDP2 is already applied (`_peft`); accelerate would wrap the model in DDP
         peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     peft_model.train()
-    loop = _Loop(accelerator, peft_model, raw, optimizer, scheduler, cfg, pad_id, sharded)
+    loop = _Loop(accelerator, peft_model, raw, optimizer, scheduler, cfg, objective, sharded)
     order = _data_order(len(train_ex), cfg, steps)
 
     ckpt = checkpoint_dir(out_path)
@@ -465,14 +467,15 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     loop_start = time.perf_counter()
     for step in tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps):
         step_start = time.perf_counter()
-        loss = loop.step([train_ex[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]])
+        span = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        loss = loop.step([train_ex[order[i]] for i in span], [cfg.seed * 1_000_003 + i for i in span])
         row: dict[str, Any] = {"step": step + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
                                "seconds": round(time.perf_counter() - step_start, 3)}  # the step alone, no eval
         if not math.isfinite(row["loss"]):
             raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
         last = step + 1 == steps
         if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            row["eval_loss"] = round(eval_loss(peft_model, held, loop.micro, pad_id, device, accelerator, cfg.loss_chunk), 6)
+            row["eval_loss"] = round(eval_loss(peft_model, held, loop.micro, objective, device, accelerator), 6)
         log_rows.append(row)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
             loop.save(ckpt, key, step + 1, log_rows)
@@ -484,7 +487,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
         with staged_output(out_path, overwrite, inputs) as tmp:
             raw.save_pretrained(tmp, state_dict=state)
             (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-            _plot_losses(log_rows, tmp / "loss.png")
+            _plot_losses(log_rows, tmp / "loss.png", objective.label)
             write_json(tmp / MANIFEST, {
                 "kind": "adapter",
                 "trained_on": str(model_dir),
@@ -508,7 +511,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     return out_path
 
 
-def _plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot_losses(rows: list[dict[str, Any]], path: Path, label: str = "answer NLL") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,7 +523,7 @@ def _plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     if ev:
         ax.plot(*zip(*ev), "o-", label="eval")
     ax.set_xlabel("step")
-    ax.set_ylabel("answer NLL")
+    ax.set_ylabel(label)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
