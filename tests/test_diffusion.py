@@ -136,3 +136,29 @@ def test_train_correct_and_load_with_diffusers(tmp_path, denoiser):
         via_diffusers = d.eval()(**batch)[0]
     assert not torch.allclose(via_peft, plain)  # the adapter does something
     torch.testing.assert_close(via_diffusers, via_peft, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_and_merge_as_a_diffusers_folder(tmp_path, denoiser):
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, merge_adapter, train_adapter
+    from emloc.correct import CorrectConfig
+    from emloc.evaluate import EvalConfig, evaluate
+
+    kind, base, data = denoiser
+    cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
+    emu = build_emulator(base, data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=6, draws=2, method="svd", device="cpu"))
+    ad = train_adapter(emu, data, tmp_path / "ad", TrainConfig(steps=2, batch_size=4, rank=4, lr=1e-2, device="cpu", eval_fraction=0))
+    cor = correct_adapter(ad, tmp_path / "cor", CorrectConfig(mode="paper", clamp=None, device="cpu"))
+    zero = evaluate(base, data, config=EvalConfig(device="cpu"))
+    tuned = evaluate(base, data, cor, config=EvalConfig(device="cpu"))
+    again = evaluate(base, data, cor, config=EvalConfig(device="cpu"))
+    assert zero["metric"] == "denoising MSE" and zero["records"] == 12 and zero["loss"] > 0
+    assert tuned["loss"] != zero["loss"] and again["loss"] == tuned["loss"]  # a fixed (noise, t) grid
+    merged = merge_adapter(base, cor, tmp_path / "merged")
+    assert (merged / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert evaluate(merged, data, config=EvalConfig(device="cpu"))["loss"] == pytest.approx(tuned["loss"], rel=1e-4)
+    batch = _batch(kind)
+    from peft import PeftModel
+
+    with torch.no_grad():
+        torch.testing.assert_close(cls.from_pretrained(merged).eval()(**batch)[0],
+                                   PeftModel.from_pretrained(cls.from_pretrained(base), cor).eval()(**batch)[0], atol=1e-5, rtol=1e-5)

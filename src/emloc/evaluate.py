@@ -16,7 +16,9 @@ from .artifacts import Stopwatch, check_output_file, legacy_order, peak_memory_m
 from .data import collate, load_examples, sample
 from .errors import EmlocError
 from .images import collate_extras
-from .models import load_processor, load_tokenizer
+from .families import family_of
+from .models import load_config, load_processor, load_tokenizer
+from .objectives import AnswerNLL
 from .loss import answer_nll
 
 
@@ -113,6 +115,15 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
         check_output_file(output, overwrite, (model, data, adapter))
     net = load_for_eval(model, adapter, cfg.device, cfg.dtype, cfg.quantize)
     device = next(net.parameters()).device
+    objective = family_of(load_config(_model_dir(net))).objective_for(_model_dir(net), cfg)
+    if not isinstance(objective, AnswerNLL):  # a denoiser: its held-out loss on a fixed (noise, t) draw
+        result = _evaluate_objective(net, objective, data, cfg, device)
+        result.update(model=str(model), adapter=str(adapter) if adapter else None, data=str(data),
+                      wall_seconds=round(watch.seconds, 1), **peak_memory_mb())
+        if output is not None:
+            with staged_file(output, overwrite, (model, data, adapter)) as tmp:
+                write_json(tmp, to_jsonable(result))
+        return result
     tok = load_tokenizer(_model_dir(net))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     examples = load_examples(data, tok, cfg.max_length, load_processor(_model_dir(net)))
@@ -129,7 +140,7 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
     if not math.isfinite(nll):
         raise EmlocError("the evaluated model produced non-finite log-likelihoods; check the model and adapter")
     result: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
-                              "records": len(examples), "answer_tokens": count,
+                              "records": len(examples), "answer_tokens": count, "metric": "answer NLL", "loss": nll / max(count, 1),
                               "nll": nll / max(count, 1), "ppl": math.exp(min(nll / max(count, 1), 50))}
     if cfg.exact_match:
         short = [e for e in examples if e.answer is not None and e.prompt_len
@@ -158,6 +169,26 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
         with staged_file(output, overwrite, (model, data, adapter)) as tmp:
             write_json(tmp, to_jsonable(result))
     return result
+
+
+def _evaluate_objective(net, objective, data: str | Path, cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """The objective's mean held-out loss (a denoiser's MSE per pixel), each record with its fixed seed."""
+    from .train import EVAL_SEED
+
+    records = objective.load(data)
+    index = list(range(len(records)))
+    if cfg.samples:
+        index = sample(index, cfg.samples, cfg.seed)
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(index), cfg.batch_size), desc=f"eval {objective.label}", leave=False):
+        part = index[i:i + cfg.batch_size]
+        items = [records[j] for j in part]
+        total += float(objective.loss_sum(net, items, device, [EVAL_SEED + j for j in part]))
+        count += objective.count(items)
+    loss = total / max(count, 1)
+    if not math.isfinite(loss):
+        raise EmlocError("the evaluated model produced a non-finite loss; check the model and adapter")
+    return {"records": len(index), "metric": objective.label, "loss": loss}
 
 
 def _model_dir(net) -> Path:

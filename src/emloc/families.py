@@ -52,6 +52,7 @@ class Family:
     library: str = "transformers"
     calibration: str = "emloc.data:text_calibration"
     objective: str = "emloc.objectives:AnswerNLL"
+    weights_stem: str = "model"
     lora_prefix: str | None = None
     default_targets: tuple[str, ...] | None = None
 
@@ -158,7 +159,7 @@ IMAGE_TEXT = Family("image-text-to-text", "AutoModelForImageTextToText", "CAUSAL
 DIFFUSION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 _DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusion:denoiser_calibration",
-                 objective="emloc.objectives:FlowMatching", block_outputs=("encoder_hidden_states", "hidden_states"),
+                 objective="emloc.objectives:FlowMatching", weights_stem="diffusion_pytorch_model", block_outputs=("encoder_hidden_states", "hidden_states"),
                  lora_prefix="transformer", default_targets=DIFFUSION_TARGETS, logit_postprocessing=())
 FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER)
 SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER)

@@ -14,6 +14,7 @@ from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, peak_mem
 from .checkpoint import fault_point
 from .correct import ADAPTER_WEIGHTS, _check_adapter, _lora_modules, scaling
 from .errors import EmlocError
+from .families import family_of
 from .models import (WeightStore, copy_tokenizer_files, empty_model, load_config, open_safetensors, read_tensor, resolve_model,
                      weight_files)
 
@@ -88,11 +89,12 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
         flush()
         n = len(written)
         weight_map = {}
+        stem = family_of(load_config(base_dir)).weights_stem  # what the model's library loads: model-*, diffusion_pytorch_model-*
         for i, (path, keys) in enumerate(written, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            final = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
             path.rename(tmp / final)
             weight_map.update({k: final for k in keys})
-        write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+        write_json(tmp / f"{stem}.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         if pending:
             raise EmlocError(f"the adapter targets {next(iter(pending))}, which {base_dir} does not have; pass the right --base")
         shutil.copy2(base_dir / "config.json", tmp / "config.json")

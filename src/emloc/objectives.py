@@ -45,7 +45,7 @@ class AnswerNLL:
         from .loss import answer_nll
 
         batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
-        return answer_nll(model, batch, self.cfg.loss_chunk)[0]
+        return answer_nll(model, batch, getattr(self.cfg, "loss_chunk", 256))[0]
 
 
 class FlowMatching:

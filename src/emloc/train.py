@@ -160,6 +160,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quan
         return _load_nf4(folder, dev, parse_dtype(dtype, dev))
     model = family_of(load_config(folder)).load(folder, dtype=parse_dtype(dtype, dev)).to(dev)
     model.eval()
+    if not isinstance(getattr(model, "name_or_path", None), str):  # diffusers models do not record their folder
+        model.name_or_path = str(folder)
     return model
 
 
