@@ -162,3 +162,36 @@ def test_eval_and_merge_as_a_diffusers_folder(tmp_path, denoiser):
     with torch.no_grad():
         torch.testing.assert_close(cls.from_pretrained(merged).eval()(**batch)[0],
                                    PeftModel.from_pretrained(cls.from_pretrained(base), cor).eval()(**batch)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_pack_generate_and_the_task_files(tmp_path, denoiser):
+    from emloc.diffusion import generate, pack, unpack
+
+    x = torch.randn(3, 2, 6, 8)
+    assert pack(x).shape == (3, 12, 8)
+    torch.testing.assert_close(unpack(pack(x), 2, 6, 8), x, rtol=0, atol=0)
+    kind, base, _ = denoiser
+    if kind != "flux":
+        return
+    model = diffusers.FluxTransformer2DModel.from_pretrained(base).eval()
+    cond = {"encoder_hidden_states": torch.randn(3, 16), "pooled_projections": torch.randn(16)}
+    a = generate(model, "flux", cond, (1, 8, 8), 4, steps=3, seed=1)
+    assert a.shape == (4, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, generate(model, "flux", cond, (1, 8, 8), 4, steps=3, seed=1), rtol=0, atol=0)
+
+
+def test_fashion_task_is_written_from_the_debian_dataset(tmp_path):
+    from emloc import fashion
+
+    if not (fashion.DATA / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    train, held = fashion.write_task(tmp_path)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert len(rows) == 100 and all(r["conditioning"] == "class-9.safetensors" for r in rows)
+    prior = [json.loads(line) for line in (tmp_path / "prior.jsonl").read_text().splitlines()]
+    assert {r["conditioning"] for r in prior} == {f"class-{k}.safetensors" for k in range(9)}
+    from emloc.diffusion import read_records
+
+    recs = read_records(held, 1, None)
+    assert len(recs) == 200 and recs[0].pixels.shape == (1, 28, 28) and -1 <= recs[0].pixels.min() < recs[0].pixels.max() <= 1
+    torch.testing.assert_close(recs[0].conditioning["pooled_projections"], fashion.conditioning(9)["pooled_projections"])

@@ -70,6 +70,10 @@ class BenchConfig:
         refine_methods: the emulator methods whose adapters get refinement rows (empty: all).
         rtn_ratios: ratios at which the `quant` emulator is also built with round-to-nearest instead
             of GPTQ (an ablation: what GPTQ's error feedback is worth, against the correction's share).
+        scorer: a module whose `python -m MODULE score --model M [--adapter A] --output F [--grid PNG]`
+            adds metrics to every evaluated row (e.g. `emloc.fashion`: generated-sample accuracy), or None.
+        extra_eval: a file beside the training data also evaluated for every row, reported as
+            `prior_loss` (e.g. the old classes of a DreamBooth-like task: prior preservation), or None.
         smaller: a smaller model of the same family to train with LoRA, or None. With it, the
             comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
             before LoRA on the original, which is over the budget by design.
@@ -109,6 +113,8 @@ class BenchConfig:
     refine_blocks: int = 0
     refine_methods: tuple[str, ...] = ()
     rtn_ratios: tuple[float, ...] = ()
+    scorer: str | None = None
+    extra_eval: str | None = None
     smaller: str | None = None
     stats_dtype: str = "float64"
     dtype: str = "auto"
@@ -143,6 +149,12 @@ PRESETS: dict[str, BenchConfig] = {
                                methods=("quant",), ratios=(0.5,), qlora=True, checkpointing=False, clamps=(),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
+    # a Flux-shaped denoiser (emloc.fashion: pretrained here on Fashion-MNIST classes 0-8) taught the
+    # held-out class from 100 images; whitened (the default) against plain SVD (the reference code's)
+    "diffusion": BenchConfig(base="fashion-flux-tiny", task="fashion-new-class", ratios=(0.5, 0.25), steps=100, batch_size=8,
+                             lr=1e-3, seeds=(0, 1, 2), seeded_ratios=2, samples=32, dtype="float32", auto_correction=False,
+                             clamps=(), calibration_sizes=(), plain_svd=True, energy_allocation=False, sequential=False,
+                             other_calibration=None, baselines=False, scorer="emloc.fashion", extra_eval="prior.jsonl"),
     # a vision-language model (emloc.vqa: the real SmolLM2-135M with a vision tower pretrained here on
     # easy-vqa captions) fine-tuned on easy-vqa's questions, which its pretraining never asked
     "vlm": BenchConfig(base="smollm2-vqa-135m", task="easy-vqa", ratios=(0.5, 0.25), steps=100, seeds=(0, 1, 2),
@@ -152,6 +164,7 @@ PRESETS: dict[str, BenchConfig] = {
 }
 
 NOT_RUN: dict[str, str] = {}
+EXTRA_METRICS = ("prior_loss", "new_class_accuracy", "prior_accuracy")  # from `extra_eval` and a `scorer`
 BASELINES = {"layer-drop": "Offsite-style emulator (layer drop)", "channel-prune": "pruning emulator (MLP channels)"}
 
 
@@ -207,12 +220,32 @@ class _Runner:
             if self.cfg.eval_samples:
                 args += ["--samples", str(self.cfg.eval_samples)]
             self.cli(*args, *extra, *self.dev())
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+        if self.cfg.extra_eval:
+            prior = self.work / "eval" / f"{name}.extra.json"
+            if not prior.is_file():
+                self.cli("eval", "--model", model, "--data", str(Path(eval_data).parent / self.cfg.extra_eval), "--output", str(prior),
+                         *(["--adapter", str(adapter)] if adapter is not None else []), *self.dev())
+            result["prior_loss"] = json.loads(prior.read_text())["loss"]
+        if self.cfg.scorer:
+            scores = self.work / "eval" / f"{name}.scores.json"
+            if not scores.is_file():
+                p = subprocess.run([sys.executable, "-m", self.cfg.scorer, "score", "--model", model, "--output", str(scores),
+                                    "--grid", str(self.work / "eval" / f"{name}.png"),
+                                    *(["--adapter", str(adapter)] if adapter is not None else [])],
+                                   capture_output=True, text=True, env=self.env)
+                if p.returncode != 0:
+                    raise EmlocError(f"bench scorer {self.cfg.scorer} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            result.update(json.loads(scores.read_text()))
+        return result
 
 
 def _row(method: str, ratio: float | None, seed: int, ev: dict[str, Any], **stages: Path | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"method": method, "ratio": ratio, "seed": seed, "nll": ev["nll"], "exact_match": ev.get("exact_match"),
-                           "eval_peak_rss_mb": ev.get("peak_rss_mb"), "eval_seconds": ev.get("wall_seconds")}
+    # "nll" holds the evaluation's loss: answer NLL, or a denoiser's MSE (report["metric"] says which)
+    row: dict[str, Any] = {"method": method, "ratio": ratio, "seed": seed, "nll": ev.get("loss", ev.get("nll")),
+                           "exact_match": ev.get("exact_match"), "eval_peak_rss_mb": ev.get("peak_rss_mb"),
+                           "eval_seconds": ev.get("wall_seconds")}
+    row.update({k: ev[k] for k in EXTRA_METRICS if k in ev}, metric=ev.get("metric", "answer NLL"))
     for stage, folder in stages.items():
         m = read_manifest(folder) if folder is not None else None
         if not m:
@@ -361,6 +394,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     if skipped_rows:
         skipped["unfinished rows"] = ", ".join(skipped_rows) + " (stopped for time; rerun without --report-only to finish)"
     report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
+              "metric": rows[0].get("metric", "answer NLL") if rows else "answer NLL",
               "not_run": skipped, "versions": versions(), "machine": machine(), "wall_seconds": round(watch.seconds, 1)}
     _recovered(rows)
     report["seed_spread"] = seed_spread(rows)
@@ -378,8 +412,10 @@ def reachable(base: str, method: str, ratio: float) -> bool:
 
     text = load_config(Path(base))
     text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    # a diffusers config is a dict: its width is heads x head size
+    width = text["num_attention_heads"] * text["attention_head_dim"] if isinstance(text, dict) else text.hidden_size
     try:
-        layer_plan(text.hidden_size, text.hidden_size, ratio, method)
+        layer_plan(width, width, ratio, method)
     except EmlocError:
         return False
     return True
@@ -539,12 +575,15 @@ def _cfg(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    metric = report.get("metric", "NLL")
+    extras = [k for k in EXTRA_METRICS if any(x.get(k) is not None for x in report["rows"])]
+    extra_head = "".join(f" {k.replace('_', ' ')} |" for k in extras)
     lines = [f"`{report['command']}`" if report["command"] else "", "",
              f"base: {Path(report['base']).name}, task: {report['task']}, versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"machine: {report.get('machine', '?')}; dtype of the frozen weights: {_cfg(report).get('dtype', 'auto')}", "",
-             "| method | ratio | bytes | seed | held-out NLL | recovered | exact match | trained params | train peak RSS (MB) | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| method | ratio | bytes | seed | held-out {metric} | recovered | exact match | trained params | train peak RSS (MB) "
+             f"| s/step |{extra_head}", "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extras)]
     for x in report["rows"]:
         rec = f"{x['recovered']:.1%}" if x.get("recovered") is not None else "-"
         em = f"{x['exact_match']:.3f}" if x.get("exact_match") is not None else "-"
@@ -553,12 +592,13 @@ def format_report(report: dict[str, Any]) -> str:
         sps = f"{x['seconds_per_step']:.2f}" if x.get("seconds_per_step") else "-"
         method = x["method"] + (f" → {x['chosen']}" if x.get("chosen") else "")
         nbytes = f"{x['bytes_fraction']:.3f}" if x.get("bytes_fraction") is not None else "-"
+        more = "".join(f" {x[k]:.4g} |" if x.get(k) is not None else " - |" for k in extras)
         lines.append(f"| {method} | {x['ratio'] if x['ratio'] is not None else '-'} | {nbytes} | {x['seed']} | {x['nll']:.4f} | {rec} | "
-                     f"{em} | {tp} | {mem} | {sps} |")
+                     f"{em} | {tp} | {mem} | {sps} |{more}")
     spread = seed_spread(report["rows"])
     if spread:
         lines += ["", "Spread over seeds (mean ± sample standard deviation, min..max):", "",
-                  "| method | ratio | seeds | held-out NLL | recovered | exact match |", "|---|---|---|---|---|---|"]
+                  f"| method | ratio | seeds | held-out {metric} | recovered | exact match |", "|---|---|---|---|---|---|"]
         for x in spread:
             rec = (f"{x['recovered_mean']:.1%} ± {x['recovered_std']:.1%} ({x['recovered_min']:.1%}..{x['recovered_max']:.1%})"
                    if x.get("recovered_mean") is not None else "-")

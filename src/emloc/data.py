@@ -280,9 +280,13 @@ TASKS = {
                      "history...): long answers, scored by held-out answer NLL",
     "chatterbot-topic": "name the corpus topic (one of 21 words, e.g. history, science, food) a question "
                         "comes from: short answers, scored by answer NLL and exact match",
+    "fashion-new-class": "teach a denoiser such as fashion-flux-tiny a class it never saw (Fashion-MNIST ankle boots, "
+                         "100 images): image records, scored by denoising MSE and generated-sample accuracy",
     "easy-vqa": "answer questions about 64 px shape images (yes/no, colour, shape; the easy-vqa package) with a "
                 "vision-language model such as smollm2-vqa-135m: image records, scored by answer NLL and exact match",
 }
+# Tasks whose records reference image files, written by their own modules (`write_task(folder)`).
+TASK_WRITERS = {"easy-vqa": "emloc.vqa:write_task", "fashion-new-class": "emloc.fashion:write_task"}
 TOPIC_PROMPT = "Which of these topics is the question from? {topics}\nQuestion: {question}\nAnswer with the topic only."
 
 
@@ -333,16 +337,17 @@ def default_task(name: str = DEFAULT_TASK) -> tuple[Path, Path]:
     train, held = folder / "train.jsonl", folder / "eval.jsonl"
     if train.is_file() and held.is_file():
         return train, held
-    if name == "easy-vqa":  # image records (see emloc.vqa): the package's own train/test split
-        from .vqa import write_task
+    if name in TASK_WRITERS:  # image tasks: files written by their module, the folder renamed when complete
+        import importlib
+        import shutil
 
+        module, fn = TASK_WRITERS[name].split(":")
         tmp = folder.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        write_task(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in ("train.jsonl", "eval.jsonl"):
-            (tmp / f).rename(folder / f)
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        getattr(importlib.import_module(module), fn)(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
         return train, held
     convs = _conversations()
     split = {"train": [], "eval": []}

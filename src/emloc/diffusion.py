@@ -163,3 +163,39 @@ def denoiser_calibration(base_dir: Path, path: Path, settings: dict[str, Any]) -
     tokens = sum(b["hidden_states"].shape[0] * (b["hidden_states"].shape[1] if b["hidden_states"].dim() == 3 else
                  b["hidden_states"].shape[-1] * b["hidden_states"].shape[-2] // 4) for b in batches)
     return batches, tokens
+
+
+def flow_loss(model: Any, family: str, items: list[ImageRecord], device: torch.device, seeds: list[int]) -> torch.Tensor:
+    """Summed velocity MSE of `items`, each record's (noise, t) drawn from its own seed."""
+    noise, ts = [], []
+    for rec, seed in zip(items, seeds):  # each record's draw depends on its seed only: any batching gives it
+        gen = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(rec.pixels.shape, generator=gen))
+        ts.append(sample_t(1, gen))
+    x0 = torch.stack([r.pixels for r in items])
+    t = torch.cat(ts)
+    xt, target = noised(x0, torch.stack(noise), t)
+    cond = {k: torch.stack([r.conditioning[k] for r in items]) for k in items[0].conditioning}
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    inputs = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in model_inputs(family, xt, t, cond).items()}
+    pred = prediction(family, model(**inputs), x0).float()
+    return (pred - target.to(device)).square().sum()
+
+
+@torch.no_grad()
+def generate(model: Any, family: str, cond: dict[str, torch.Tensor], shape: tuple[int, ...], n: int, steps: int = 20,
+             seed: int = 0) -> torch.Tensor:
+    """`n` samples (n x C x H x W, in [-1, 1]) for one conditioning, by Euler steps of the flow from
+    pure noise (t = 1) to the data (t = 0)."""
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    c = {k: v.expand(n, *v.shape).contiguous() for k, v in cond.items()}
+    ts = torch.linspace(1, 0, steps + 1)
+    for a, b in zip(ts[:-1], ts[1:]):
+        inputs = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in model_inputs(family, x, torch.full((n,), float(a)), c).items()}
+        v = prediction(family, model(**inputs), x).float().cpu()
+        x = x + (b - a) * v
+    return x.clamp(-1, 1)

@@ -71,7 +71,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 # Models that emloc assembles and trains from packaged parts on first use: name -> "module:function"
 # returning the cached folder (see `emloc.vqa`).
-PREPARED_MODELS: dict[str, str] = {"smollm2-vqa-135m": "emloc.vqa:prepared_vqa_model"}
+PREPARED_MODELS: dict[str, str] = {"smollm2-vqa-135m": "emloc.vqa:prepared_vqa_model",
+                                   "fashion-flux-tiny": "emloc.fashion:prepared_denoiser"}
 
 
 def _package_dir(name: str) -> Path | None:

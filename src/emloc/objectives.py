@@ -71,19 +71,6 @@ class FlowMatching:
         return sum(r.pixels.numel() for r in items)
 
     def loss_sum(self, model: nn.Module, items: list, device: torch.device, seeds: list[int]) -> torch.Tensor:
-        from .diffusion import model_inputs, noised, prediction, sample_t
+        from .diffusion import flow_loss
 
-        noise, ts = [], []
-        for rec, seed in zip(items, seeds):  # each record's draw depends on its seed only: any batching gives it
-            gen = torch.Generator().manual_seed(seed)
-            noise.append(torch.randn(rec.pixels.shape, generator=gen))
-            ts.append(sample_t(1, gen))
-        x0 = torch.stack([r.pixels for r in items])
-        t = torch.cat(ts)
-        xt, target = noised(x0, torch.stack(noise), t)
-        cond = {k: torch.stack([r.conditioning[k] for r in items]) for k in items[0].conditioning}
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        inputs = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                  for k, v in model_inputs(self.family, xt, t, cond).items()}
-        pred = prediction(self.family, model(**inputs), x0).float()
-        return (pred - target.to(device)).square().sum()
+        return flow_loss(model, self.family, items, device, seeds)
