@@ -195,3 +195,12 @@ def test_fashion_task_is_written_from_the_debian_dataset(tmp_path):
     recs = read_records(held, 1, None)
     assert len(recs) == 200 and recs[0].pixels.shape == (1, 28, 28) and -1 <= recs[0].pixels.min() < recs[0].pixels.max() <= 1
     torch.testing.assert_close(recs[0].conditioning["pooled_projections"], fashion.conditioning(9)["pooled_projections"])
+
+
+def test_plan_refuses_a_denoiser_in_one_line(denoiser, capsys):
+    from emloc.cli import main
+
+    _, base, _ = denoiser
+    assert main(["plan", "--base", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "not planned yet" in err and "Traceback" not in err

@@ -1,10 +1,11 @@
 """Model families as data: what each stage needs to know about a kind of model, in one table.
 
-A `Family` says how to build a model of that kind (its transformers Auto class), which stack of
-blocks holds the layers to compress (a fixed path, or the generic search: the `nn.ModuleList` of
-identical modules holding the most parameters), the PEFT task type of its LoRA, and the config
-attributes under which its logits are post-processed after the output head (where the loss's
-hidden-state shortcut would be wrong). Stages ask `family_of(config)` and never test model types;
+A `Family` says how to build a model of that kind (its transformers or diffusers class), which
+stacks of blocks hold the layers to compress (fixed paths, or the generic search: the
+`nn.ModuleList` of identical modules holding the most parameters) and what a block hands the next,
+how to draw the calibration inputs, the training objective, the PEFT task type and default targets
+of its LoRA, and the config attributes under which its logits are post-processed after the output
+head (where the loss's hidden-state shortcut would be wrong). Stages ask `family_of(config)` and never test model types;
 a new kind of model is a new entry, and a model type whose blocks the generic search would get
 wrong is one line in `BY_MODEL_TYPE`.
 """
@@ -40,6 +41,15 @@ class Family:
             tower may outweigh).
         logit_postprocessing: config attributes that, when set to anything but 1, post-process the
             logits after the head (the loss then computes full logits).
+        library: the module that holds `auto_class` (`transformers` or `diffusers`).
+        lora_prefix: key prefix of the diffusers LoRA file `emloc correct` also writes (`transformer`),
+            or None for no such file.
+        default_targets: module names (relative to a block) that LoRA targets by default, or None for
+            every nn.Linear of the blocks.
+        calibration: "module:function" giving the calibration inputs from the emulator settings.
+        objective: "module:class" of the training objective (see `emloc.objectives`).
+        weights_stem: file stem of the library's weight shards (`model`, `diffusion_pytorch_model`).
+        plannable: whether `emloc plan` has formulas for this kind of model.
     """
 
     name: str
@@ -53,6 +63,7 @@ class Family:
     calibration: str = "emloc.data:text_calibration"
     objective: str = "emloc.objectives:AnswerNLL"
     weights_stem: str = "model"
+    plannable: bool = True
     lora_prefix: str | None = None
     default_targets: tuple[str, ...] | None = None
 
@@ -159,7 +170,8 @@ IMAGE_TEXT = Family("image-text-to-text", "AutoModelForImageTextToText", "CAUSAL
 DIFFUSION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 _DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusion:denoiser_calibration",
-                 objective="emloc.objectives:FlowMatching", weights_stem="diffusion_pytorch_model", block_outputs=("encoder_hidden_states", "hidden_states"),
+                 objective="emloc.objectives:FlowMatching", weights_stem="diffusion_pytorch_model",
+                 plannable=False, block_outputs=("encoder_hidden_states", "hidden_states"),
                  lora_prefix="transformer", default_targets=DIFFUSION_TARGETS, logit_postprocessing=())
 FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER)
 SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER)

@@ -331,6 +331,10 @@ def model_shape(model: Any) -> ModelShape:
     from .models import block_linears, empty_model, find_blocks
 
     config, folder = _read_config(model)
+    family = family_of(config)
+    if not family.plannable:
+        raise EmlocError(f"emloc plan predicts language and vision-language models; {family.name} denoisers are not "
+                         "planned yet (measure a build and a training step with --steps 2 instead)")
     meta = empty_model(config)
     blocks_name, blocks = find_blocks(meta)
     params = {id(p): p.numel() for p in meta.parameters()}  # tied parameters once
