@@ -153,7 +153,8 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     from .evaluate import EvalConfig, evaluate
 
     r = evaluate(ns.model, ns.data, ns.adapter, ns.output, build_config(EvalConfig, ns), ns.overwrite)
-    print(json.dumps({k: r[k] for k in ("nll", "ppl", "exact_match", "em_records", "records", "answer_tokens") if k in r}))
+    keys = ("metric", "loss", "nll", "ppl", "exact_match", "em_records", "records", "answer_tokens")
+    print(json.dumps({k: r[k] for k in keys if k in r}))
 
 
 def cmd_run(ns: argparse.Namespace) -> None:
