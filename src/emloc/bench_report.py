@@ -136,7 +136,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     if points or zero is not None:
         ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlabel("training peak RSS (MB)")
-    ax.set_ylabel("held-out answer NLL (lower is better)")
+    ax.set_ylabel(f"held-out {rows[0].get('metric', 'answer NLL') if rows else 'answer NLL'} (lower is better)")
     nlls = [x["nll"] for x in points] + ([zero] if zero is not None else [])
     if nlls and min(nlls) > 0 and max(nlls) / min(nlls) > 20:
         ax.set_yscale("log")  # one failed row (e.g. plain SVD) would flatten the others
