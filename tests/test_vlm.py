@@ -131,10 +131,11 @@ def test_lora_targets_the_llm_and_the_corrected_adapter_loads_with_plain_peft(tm
 
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 _SIGLIP = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8)
+_MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}  # sums to head_dim / 2 = 4
 VLM_CONFIGS = {  # each vision tower has more block parameters than its language model
-    "qwen2_vl": dict(text_config=dict(model_type="qwen2_vl_text", **_TEXT),
+    "qwen2_vl": dict(text_config=dict(model_type="qwen2_vl_text", rope_parameters=_MROPE, **_TEXT),
                      vision_config=dict(depth=4, embed_dim=48, hidden_size=32, num_heads=4, mlp_ratio=2)),
-    "qwen2_5_vl": dict(text_config=dict(model_type="qwen2_5_vl_text", **_TEXT),
+    "qwen2_5_vl": dict(text_config=dict(model_type="qwen2_5_vl_text", rope_parameters=_MROPE, **_TEXT),
                        vision_config=dict(depth=4, hidden_size=48, out_hidden_size=32, num_heads=4, intermediate_size=96)),
     "idefics3": dict(text_config=dict(model_type="llama", **_TEXT), vision_config=_SIGLIP),
     "smolvlm": dict(text_config=dict(model_type="llama", **_TEXT), vision_config=_SIGLIP),
@@ -344,3 +345,30 @@ def test_paper_correction_identity_per_layer_on_the_vlm(tmp_path, llava, image_d
             torch.testing.assert_close(x @ (w + s * cb @ ca).T, x @ (w_e + s * lb @ la).T, atol=1e-6, rtol=1e-6)
         checked += 1
     assert checked == 14  # 7 linears x 2 blocks of the language model
+
+
+@pytest.mark.parametrize("model_type", sorted(VLM_CONFIGS))
+def test_every_vlm_builds_on_its_language_model_and_ratio_one_is_exact(tmp_path, model_type):
+    """Text calibration through each VLM's own forward: only language-model layers are compressed, and
+    at ratio 1.0 the emulator's logits are the original's."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from emloc import EmulatorConfig, build_emulator, load_emulator
+
+    cfg = AutoConfig.for_model(model_type, **VLM_CONFIGS[model_type])
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForImageTextToText.from_config(cfg).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    data = make_data(tmp_path / "d.jsonl", 12)
+    half = build_emulator(base, data, tmp_path / "half", EmulatorConfig(ratio=0.5, samples=6, method="svd", device="cpu"))
+    man = json.loads((half / "manifest.json").read_text())
+    compressed = [k for k, v in man["layers"].items() if v["rank"] is not None]
+    assert compressed and all(k.startswith(man["blocks"] + ".") for k in compressed)
+    assert "vision" not in man["blocks"] and "visual" not in man["blocks"]
+    dense = build_emulator(base, data, tmp_path / "dense", EmulatorConfig(ratio=1.0, samples=6, method="svd", device="cpu"))
+    ids = torch.tensor([[5, 9, 14, 22, 30, 7]])
+    orig = AutoModelForImageTextToText.from_pretrained(base).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_emulator(dense, "cpu", "float32")(input_ids=ids).logits, orig(input_ids=ids).logits,
+                                   rtol=0, atol=0)
