@@ -110,22 +110,9 @@ def build_denoiser(target: Path, steps: int = RECIPE["steps"], seed: int = RECIP
 
 def prepared_denoiser() -> Path:
     """The cached `fashion-flux-tiny` folder, built on first use (one process builds, others wait)."""
-    from .models import SOURCE, _file_lock, cache_dir, weight_files
+    from .models import prepared_model
 
-    target = cache_dir() / "models" / MODEL
-
-    def ready() -> bool:
-        try:
-            src = json.loads((target / SOURCE).read_text())
-        except (OSError, ValueError):
-            return False
-        return src.get("recipe", {}).get("steps") == RECIPE["steps"] and bool(weight_files(target))
-
-    if not ready():
-        with _file_lock(target.parent / f".{MODEL}.lock"):
-            if not ready():
-                build_denoiser(target)
-    return target
+    return prepared_model(MODEL, RECIPE, build_denoiser)
 
 
 def write_task(folder: Path) -> tuple[Path, Path]:

@@ -161,6 +161,25 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def prepared_model(name: str, recipe: dict, build: Callable[[Path], Path]) -> Path:
+    """The cached folder of a model emloc assembles itself (see `PREPARED_MODELS`), built by
+    `build(target)` on first use or when its recorded recipe differs; one process builds, others wait."""
+    target = cache_dir() / "models" / name
+
+    def ready() -> bool:
+        try:
+            src = json.loads((target / SOURCE).read_text())
+        except (OSError, ValueError):
+            return False
+        return src.get("recipe", {}).get("steps") == recipe["steps"] and bool(weight_files(target))
+
+    if not ready():
+        with _file_lock(target.parent / f".{name}.lock"):
+            if not ready():
+                build(target)
+    return target
+
+
 def _convert_packaged(name: str) -> Path:
     """The cached conversion of a packaged model; one process converts, the others wait for it and reuse it."""
     spec = PACKAGED_MODELS[name]

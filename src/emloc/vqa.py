@@ -200,22 +200,9 @@ def caption_accuracy(model, tok, proc, records: list[dict[str, Any]]) -> float:
 
 def prepared_vqa_model() -> Path:
     """The cached `smollm2-vqa-135m` folder, built on first use (one process builds, others wait)."""
-    from .models import SOURCE, _file_lock, cache_dir, weight_files
+    from .models import prepared_model
 
-    target = cache_dir() / "models" / VQA_MODEL
-
-    def ready() -> bool:
-        try:
-            src = json.loads((target / SOURCE).read_text())
-        except (OSError, ValueError):
-            return False
-        return src.get("recipe", {}).get("steps") == RECIPE["steps"] and bool(weight_files(target))
-
-    if not ready():
-        with _file_lock(target.parent / f".{VQA_MODEL}.lock"):
-            if not ready():
-                build_vqa_model(target)
-    return target
+    return prepared_model(VQA_MODEL, RECIPE, build_vqa_model)
 
 
 TASK_SIZES = {"train": 1200, "eval": 300}
