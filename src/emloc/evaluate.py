@@ -13,11 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import Stopwatch, check_output_file, legacy_order, peak_memory_mb, read_json_object, staged_file, to_jsonable, write_json
-from .data import collate, load_examples, sample
+from .data import collate, sample
 from .errors import EmlocError
 from .images import collate_extras
 from .families import family_of
-from .models import load_config, load_processor, load_tokenizer
+from .models import load_config
 from .objectives import AnswerNLL
 from .loss import answer_nll
 
@@ -124,9 +124,8 @@ def evaluate(model: str | Path, data: str | Path, adapter: str | Path | None = N
             with staged_file(output, overwrite, (model, data, adapter)) as tmp:
                 write_json(tmp, to_jsonable(result))
         return result
-    tok = load_tokenizer(_model_dir(net))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    examples = load_examples(data, tok, cfg.max_length, load_processor(_model_dir(net)))
+    tok, pad_id = objective.tok, objective.pad_id  # the objective has read the tokenizer and processor once
+    examples = objective.load(data)
     if cfg.samples:
         examples = sample(examples, cfg.samples, cfg.seed)
     # Batches of similar length waste little on padding; the totals do not depend on the order.
