@@ -186,6 +186,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         cfg = dataclasses.replace(cfg, steps=ns.steps)
     if ns.seeds:
         cfg = dataclasses.replace(cfg, seeds=tuple(ns.seeds))
+    if ns.ratios:
+        cfg = dataclasses.replace(cfg, ratios=tuple(ns.ratios), seeded_ratios=min(cfg.seeded_ratios, len(ns.ratios)))
     if ns.task:
         cfg = dataclasses.replace(cfg, task=ns.task)
     if ns.data:
@@ -258,10 +260,11 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(pl, PlanConfig, skip=("ratios", "budget", "host_budget"))
 
     bn = verb("bench", cmd_bench, "run the side-by-side comparisons (each stage in its own process) and write a report")
-    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen, bigger-in-budget, budget, budget-qwen or vlm (default: smoke)")
+    bn.add_argument("--preset", default="smoke", help="smoke, small, qwen, bigger-in-budget, budget, budget-qwen, vlm or diffusion (default: smoke)")
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
     bn.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (finished rows are reused)")
+    bn.add_argument("--ratios", type=float, nargs="+", help="override the preset's emulator ratios (finished rows are reused)")
     bn.add_argument("--report-only", action="store_true", help="write the report from the finished rows; run nothing")
     bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match), chatterbot-en or "
                     "easy-vqa (image records, for a vision-language base) (default: the preset's)")
