@@ -85,7 +85,10 @@ class CorrectConfig:
             own calibration file and draw, as recorded in its manifest).
         device: where modes `weighted` and `auto` run the original on the calibration records (auto:
             cuda if available).
-        select_records: records mode `auto` scores the candidates on.
+        select_records: records mode `auto` scores the candidates on (and `snapshots` the steps on).
+        snapshots: first choose the training step: the adapter's snapshots (`emloc train
+            --snapshot-every`) and its final weights, uncorrected on the original, scored by the
+            original's loss on the records the training held out; the best one is then corrected.
     """
 
     mode: str = "auto"
@@ -94,6 +97,7 @@ class CorrectConfig:
     calibration: str | None = None
     device: str = "auto"
     select_records: int = 32
+    snapshots: bool = False
 
     def __post_init__(self) -> None:
         """Settings fail here, before any file is read."""
@@ -440,6 +444,16 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
         raise EmlocError(f"{adapter} holds no LoRA weights")
     skeleton = empty_model(load_config(base_dir))  # meta device: names only, no memory
     stores = (WeightStore(base_dir).align(skeleton), WeightStore(emu_dir))
+    from .baselines import to_original
+
+    def to_base(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # an adapter's tensors, as the original names them
+        return t if method == "svd" else to_original(t, emanifest)
+
+    snapshot = None
+    if cfg.snapshots:  # the training step first, judged on the original by records no step trained on
+        from .selection import choose_snapshot
+
+        tensors, snapshot = choose_snapshot(adapter, amanifest, tensors, acfg, base_dir, to_base, cfg)
     selection: dict[str, float] | None = None
     chosen = cfg.mode
     if cfg.mode == "auto":
@@ -453,10 +467,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
                  ", ".join(f"{k} {v:.4f}" for k, v in selection.items()))
     else:
         new, report = _correct_tensors(cfg.mode, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
-    if method != "svd":
-        from .baselines import to_original
-
-        new = to_original(new, emanifest)
+    new = to_base(new)
     with staged_output(out_path, overwrite, inputs) as tmp:
         save_finite({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS)
         fault_point("correct_write", 1)
@@ -473,7 +484,8 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
             "kind": "corrected_adapter", "mode": chosen, "adapter": str(adapter), "adapter_fingerprint": fingerprint(adapter),
             "emulator": str(emu_dir.resolve()), "emulator_fingerprint": emanifest.get("fingerprint"),
             "base": str(base_dir), "base_fingerprint": emanifest["base_fingerprint"], "config": cfg,
-            "clamped_directions": clamped, "directions": directions, "selection": selection, "layers": report,
+            "clamped_directions": clamped, "directions": directions, "selection": selection, "snapshot": snapshot,
+            "layers": report,
             "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
         })
     if clamped:

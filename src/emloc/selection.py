@@ -51,10 +51,6 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
         emanifest: the emulator's manifest (calibration file, draw seed and size, max length).
         cfg: the `CorrectConfig` (calibration, device, select_records).
     """
-    from peft import PeftModel
-
-    from .train import EVAL_SEED, load_model
-
     ecfg = emanifest.get("config", {})
     settings = SimpleNamespace(max_length=int(ecfg.get("max_length", 512)), loss_chunk=256)
     objective = family_of(load_config(base_dir)).objective_for(base_dir, settings)
@@ -64,8 +60,20 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
     if not held:
         log.warning("the calibration file has no records beyond the calibration draw; auto scores on calibration records")
         held = examples[: cfg.select_records]
-    net = load_model(base_dir, cfg.device, ecfg.get("dtype", "auto"))
-    device = next(net.parameters()).device
+    scores = score_candidates(candidates, acfg, base_dir, held, objective, cfg.device, ecfg.get("dtype", "auto"))
+    return min(scores, key=lambda k: scores[k]), scores
+
+
+@torch.no_grad()
+def score_candidates(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict[str, Any], base_dir: Path, held: list,
+                     objective: Any, device: str, dtype: str) -> dict[str, float]:
+    """name -> the original's mean loss on `held` with that candidate adapter attached (forward passes only)."""
+    from peft import PeftModel
+
+    from .train import EVAL_SEED, load_model
+
+    net = load_model(base_dir, device, dtype)
+    dev = next(net.parameters()).device
     # batches of 4: the original plus three candidate adapters stay under its evaluation's peak (batch 8)
     batches = [list(range(i, min(i + SELECT_BATCH, len(held)))) for i in range(0, len(held), SELECT_BATCH)]
     scores: dict[str, float] = {}
@@ -85,7 +93,47 @@ def select_correction(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict
             total, count = 0.0, 0
             for b in batches:  # a denoiser's records draw fixed noise: every candidate sees the same
                 items = [held[j] for j in b]
-                s = objective.loss_sum(peft_model, items, device, [EVAL_SEED + j for j in b])
+                s = objective.loss_sum(peft_model, items, dev, [EVAL_SEED + j for j in b])
                 total, count = total + float(s), count + objective.count(items)
             scores[name] = total / max(count, 1)
-    return min(scores, key=lambda k: scores[k]), scores
+    return scores
+
+
+def choose_snapshot(adapter: Path, amanifest: dict[str, Any], final: dict[str, torch.Tensor], acfg: dict[str, Any],
+                    base_dir: Path, to_base: Any, cfg: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The training step whose adapter, mapped onto the original uncorrected, gives it the lowest held-out loss.
+
+    The candidates are the adapter's snapshots (`emloc train --snapshot-every`) and its final weights;
+    they are scored on the records the training run held out (its `--eval-data`, or the seeded
+    `--eval-fraction` split of its data), which no candidate was trained on.
+
+    Returns:
+        (the chosen step's adapter tensors, {"chosen": step, "scores": {step: loss}, "records": n}).
+    """
+    from safetensors.torch import load_file
+
+    from .checkpoint import snapshot_folders
+    from .train import split_off
+
+    folders = snapshot_folders(adapter)
+    spec = amanifest.get("held_out")
+    if not folders or not spec:
+        raise EmlocError(f"{adapter} has no snapshots to choose from; train it with --snapshot-every N "
+                         "(or correct without --snapshots)")
+    steps = {f"step-{n}": load_file(str(f / "adapter_model.safetensors")) for n, f in folders.items()}
+    steps[f"step-{amanifest.get('steps', 'final')}"] = final
+    settings = SimpleNamespace(max_length=int(amanifest.get("config", {}).get("max_length", 512)), loss_chunk=256)
+    objective = family_of(load_config(base_dir)).objective_for(base_dir, settings)
+    records = objective.load(spec["file"])
+    if spec.get("split"):
+        records, _ = split_off(records, spec["split"]["fraction"], spec["split"]["seed"])
+    held = records[: spec.get("max_records") or len(records)][: cfg.select_records]
+    if not held:
+        raise EmlocError(f"the training run of {adapter} held out no records to choose a snapshot on; "
+                         "train with --eval-fraction > 0 or --eval-data")
+    dtype = amanifest.get("config", {}).get("dtype", "auto")
+    scores = score_candidates({k: to_base(v) for k, v in steps.items()}, acfg, base_dir, held, objective, cfg.device, dtype)
+    chosen = min(scores, key=lambda k: scores[k])
+    log.info("snapshots: chose %s (loss of the original on %d held-out records: %s)", chosen, len(held),
+             ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return steps[chosen], {"chosen": chosen, "scores": scores, "records": len(held)}
