@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .artifacts import Stopwatch, read_manifest, to_jsonable, versions, write_json
+from .bench_remedies import heal_rows, qlora_rows, refine_row, snapshot_rows
 from .bench_report import EXTRA_METRICS, _plot, _recovered, _same_tensors, format_report, machine, seed_spread
 from .errors import EmlocError
 
@@ -68,7 +69,13 @@ class BenchConfig:
             (weighted correction) trained further on the original for steps / 2 steps, only the LoRA
             of the last K blocks, with exact gradients; and the control, LoRA on the original's last
             K blocks alone from scratch for the same steps.
-        refine_methods: the emulator methods whose adapters get refinement rows (empty: all).
+        refine_methods: the emulator methods whose adapters get refinement rows (empty: all); also
+            those of the `heal` and `snapshot_choice` rows.
+        heal: add the heal rows (first seed, each ratio): the emulator healed by `emloc heal`
+            (rank 8, `steps` steps) before the task LoRA trains on it, corrected (weighted) and not.
+        snapshot_choice: add the checkpoint-choice rows (first seed, each ratio): a training run holding
+            out 10% of the training file with a snapshot every `steps` / 5 steps, corrected (weighted)
+            at the step `correct --snapshots` chooses, and at its last step (the control, same run).
         rtn_ratios: ratios at which the `quant` emulator is also built with round-to-nearest instead
             of GPTQ (an ablation: what GPTQ's error feedback is worth, against the correction's share).
         scorer: a module whose `python -m MODULE score --model M [--adapter A] --output F [--grid PNG]`
@@ -113,6 +120,8 @@ class BenchConfig:
     auto_correction: bool = True
     refine_blocks: int = 0
     refine_methods: tuple[str, ...] = ()
+    heal: bool = False
+    snapshot_choice: bool = False
     rtn_ratios: tuple[float, ...] = ()
     scorer: str | None = None
     extra_eval: str | None = None
@@ -143,7 +152,7 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), heal=True, snapshot_choice=True, rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     # on two CPU cores a Qwen row costs ~3x a SmolLM2 row (NF4 and QLoRA more): the headline rows only
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16",
@@ -194,21 +203,21 @@ class _Runner:
                      *extra, *self.dev())
         return out
 
-    def train(self, name: str, model: str, data: str, eval_data: str, seed: int, *extra: str) -> Path:
+    def train(self, name: str, model: str, data: str, eval_data: str | None, seed: int, *extra: str) -> Path:
         out = self.work / name
         c = self.cfg
         if read_manifest(out) is None:
-            self.cli("train", "--model", model, "--data", data, "--eval-data", eval_data, "--output", str(out),
+            self.cli("train", "--model", model, "--data", data, *(["--eval-data", eval_data] if eval_data else []), "--output", str(out),
                      "--steps", str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--rank", str(c.rank),
                      "--alpha", str(c.alpha), "--max-length", str(c.max_length), "--eval-every", "0", "--eval-samples", "64",
                      "--seed", str(seed), "--overwrite", *extra, *self.dev())
         return out
 
-    def correct(self, name: str, adapter: Path, clamp: float | None, mode: str = "paper") -> Path:
+    def correct(self, name: str, adapter: Path, clamp: float | None, mode: str = "paper", *extra: str) -> Path:
         out = self.work / name
         if read_manifest(out) is None:
             self.cli("correct", "--adapter", str(adapter), "--output", str(out), "--mode", mode,
-                     "--clamp", "none" if clamp is None else str(clamp), "--overwrite", *self.dev(dtype=False))
+                     "--clamp", "none" if clamp is None else str(clamp), "--overwrite", *extra, *self.dev(dtype=False))
         return out
 
     def eval(self, name: str, model: str, eval_data: str, adapter: Path | None = None, *extra: str) -> dict[str, Any]:
@@ -299,7 +308,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
             "LoRA on the original", None, s, r.eval(f"lora-original-s{s}", base, eval_f, r.train(f"lora-original-s{s}", base, train_f, eval_f, s)),
             train=work / f"lora-original-s{s}")))
         if cfg.qlora:
-            jobs.append((f"qlora-s{seed}", lambda s=seed: _qlora_rows(r, s, s == first, base, train_f, eval_f)))
+            jobs.append((f"qlora-s{seed}", lambda s=seed: qlora_rows(r, s, s == first, base, train_f, eval_f)))
         for method in cfg.methods:
             repeated = not cfg.seeded_methods or method in cfg.seeded_methods
             for ratio in cfg.ratios if seed == first else (cfg.ratios[:cfg.seeded_ratios] if repeated else ()):
@@ -310,11 +319,17 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         for method in cfg.refine_methods or cfg.methods:
             for ratio in cfg.ratios:
                 if reachable(base, method, ratio):
-                    jobs.append((f"refine-{method}-{ratio}", lambda m=method, q=ratio: _refine_row(r, m, q, first, base, train_f, eval_f)))
+                    jobs.append((f"refine-{method}-{ratio}", lambda m=method, q=ratio: refine_row(r, m, q, first, base, train_f, eval_f)))
         jobs.append(("refine-control", lambda: _row(
             f"control: LoRA on the original's last {k} blocks only, {steps} steps", None, first, r.eval(
                 "refine-control", base, eval_f, r.train("refine-control", base, train_f, eval_f, first, "--last-blocks", k, "--steps", steps)),
             train=work / "refine-control")))
+    for method in cfg.refine_methods or cfg.methods:
+        for ratio in cfg.ratios:
+            if cfg.heal and reachable(base, method, ratio):
+                jobs.append((f"heal-{method}-{ratio}", lambda m=method, q=ratio: heal_rows(r, m, q, first, base, train_f, eval_f)))
+            if cfg.snapshot_choice and reachable(base, method, ratio):
+                jobs.append((f"snapshots-{method}-{ratio}", lambda m=method, q=ratio: snapshot_rows(r, m, q, first, base, train_f, eval_f)))
     if cfg.checkpointing:
         jobs.append((f"lora-original-checkpointing-s{first}", lambda: _row(
             "LoRA on the original, gradient checkpointing", None, first, r.eval(
@@ -461,29 +476,6 @@ def _emloc_jobs(r: _Runner, method: str, q: float, s: int, base: str, train_f: s
     return [(f"emloc-{tag}{q}-s{s}", rows)] + ([(f"auto-{tag}{q}-s{s}", auto_row)] if r.cfg.auto_correction else [])
 
 
-def _refine_row(r: _Runner, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> dict[str, Any]:
-    """Remedy: the EMLoC adapter (weighted correction) refined on the original, LoRA of the last K blocks only."""
-    tag = "" if method == "svd" else method.replace("+", "-") + "-"
-    label = "EMLoC" if method == "svd" else f"EMLoC {method}"
-    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *(() if method == "svd" else ("--method", method)))
-    wc = r.correct(f"weighted-{tag}{q}-s{s}", r.train(f"adapter-{tag}{q}-s{s}", str(emu), train_f, eval_f, s), None, "weighted")
-    k, steps = str(r.cfg.refine_blocks), str(max(1, r.cfg.steps // 2))
-    out = r.train(f"refine-{tag}{q}-s{s}", base, train_f, eval_f, s, "--init-adapter", str(wc), "--last-blocks", k, "--steps", steps)
-    row = _row(f"remedy: {label} (weighted) + last-{k}-block refinement on the original, {steps} steps", q, s,
-               r.eval(f"refine-{tag}{q}-s{s}", base, eval_f, out), build=emu, train=out)
-    return row
-
-
-def _qlora_rows(r: _Runner, s: int, on_nf4: bool, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
-    """QLoRA: LoRA trained on an NF4 copy of the base (bitsandbytes), on the original; and on the NF4 copy."""
-    ad = r.train(f"qlora-s{s}", base, train_f, eval_f, s, "--quantize", "nf4")
-    rows = [_row("QLoRA (NF4 base), on the original", None, s, r.eval(f"qlora-s{s}", base, eval_f, ad), train=ad)]
-    if on_nf4:
-        rows.append(_row("QLoRA (NF4 base), on the NF4 model", None, s,
-                         r.eval(f"qlora-nf4-s{s}", base, eval_f, ad, "--quantize", "nf4"), train=ad))
-    return rows
-
-
 def job_priority(name: str, cfg: BenchConfig) -> int:
     """Order of a bench job (lower runs first; ties keep their order).
 
@@ -499,7 +491,7 @@ def job_priority(name: str, cfg: BenchConfig) -> int:
         return 0
     if name.startswith(("zero-shot", "lora-original-s", "emloc-", "auto-", "qlora-")):
         return 0 if name.endswith(f"-s{first}") else 2
-    if name.startswith("refine-"):  # cheap, and the remedy for the transfer gap the first seed shows
+    if name.startswith(("refine-", "heal-", "snapshots-")):  # cheap, and the remedy for the transfer gap the first seed shows
         return 1
     return 3 if name.startswith(tuple(BASELINES)) else 4
 

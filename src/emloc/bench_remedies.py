@@ -1,0 +1,74 @@
+"""Bench rows of the baselines and remedies beyond EMLoC's own: QLoRA, top-K refinement on the original,
+the healed emulator and the training step chosen on the original (see `BenchConfig`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _names(method: str) -> tuple[str, str, tuple[str, ...]]:
+    """(artifact tag, row label, build flags) of an emulator method (svd keeps its old names: benches resume)."""
+    tag = "" if method == "svd" else method.replace("+", "-") + "-"
+    return tag, "EMLoC" if method == "svd" else f"EMLoC {method}", () if method == "svd" else ("--method", method)
+
+
+def refine_row(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> dict[str, Any]:
+    """Remedy: the EMLoC adapter (weighted correction) refined on the original, LoRA of the last K blocks only."""
+    from .bench import _row
+
+    tag, label, flags = _names(method)
+    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
+    wc = r.correct(f"weighted-{tag}{q}-s{s}", r.train(f"adapter-{tag}{q}-s{s}", str(emu), train_f, eval_f, s), None, "weighted")
+    k, steps = str(r.cfg.refine_blocks), str(max(1, r.cfg.steps // 2))
+    out = r.train(f"refine-{tag}{q}-s{s}", base, train_f, eval_f, s, "--init-adapter", str(wc), "--last-blocks", k, "--steps", steps)
+    row = _row(f"remedy: {label} (weighted) + last-{k}-block refinement on the original, {steps} steps", q, s,
+               r.eval(f"refine-{tag}{q}-s{s}", base, eval_f, out), build=emu, train=out)
+    return row
+
+
+def qlora_rows(r: Any, s: int, on_nf4: bool, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
+    """QLoRA: LoRA trained on an NF4 copy of the base (bitsandbytes), on the original; and on the NF4 copy."""
+    from .bench import _row
+
+    ad = r.train(f"qlora-s{s}", base, train_f, eval_f, s, "--quantize", "nf4")
+    rows = [_row("QLoRA (NF4 base), on the original", None, s, r.eval(f"qlora-s{s}", base, eval_f, ad), train=ad)]
+    if on_nf4:
+        rows.append(_row("QLoRA (NF4 base), on the NF4 model", None, s,
+                         r.eval(f"qlora-nf4-s{s}", base, eval_f, ad, "--quantize", "nf4"), train=ad))
+    return rows
+
+
+def heal_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
+    """Remedy: the emulator healed towards the original (`emloc heal`) before the task LoRA trains on it."""
+    from .bench import _row
+
+    tag, label, flags = _names(method)
+    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
+    healed = r.work / f"healed-{tag}{q}"
+    if not (healed / "manifest.json").is_file():
+        r.cli("heal", "--emulator", str(emu), "--output", str(healed), "--steps", str(r.cfg.steps), "--seed", str(s),
+              "--overwrite", *r.dev())
+    ad = r.train(f"adapter-healed-{tag}{q}-s{s}", str(healed), train_f, eval_f, s)
+    wc = r.correct(f"weighted-healed-{tag}{q}-s{s}", ad, None, "weighted")
+    st = {"build": healed, "train": ad}
+    return [_row(f"remedy: healed emulator (rank 8) + {label} (weighted correction)", q, s,
+                 r.eval(f"weighted-healed-{tag}{q}-s{s}", base, eval_f, wc), correct=wc, **st),
+            _row(f"remedy: healed emulator (rank 8) + {label} uncorrected", q, s,
+                 r.eval(f"uncorrected-healed-{tag}{q}-s{s}", base, eval_f, ad), **st)]
+
+
+def snapshot_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
+    """Remedy: the training step chosen by the original's loss on records the training held out."""
+    from .bench import _row
+
+    tag, label, flags = _names(method)
+    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
+    every = str(max(1, r.cfg.steps // 5))
+    ad = r.train(f"adapter-snap-{tag}{q}-s{s}", str(emu), train_f, None, s, "--snapshot-every", every, "--eval-fraction", "0.1")
+    chosen = r.correct(f"weighted-snap-{tag}{q}-s{s}", ad, None, "weighted", "--snapshots")
+    last = r.correct(f"weighted-snaplast-{tag}{q}-s{s}", ad, None, "weighted")
+    st = {"build": emu, "train": ad}
+    return [_row(f"remedy: {label} (weighted), training step chosen on the original (90% of the data)", q, s,
+                 r.eval(f"weighted-snap-{tag}{q}-s{s}", base, eval_f, chosen), correct=chosen, **st),
+            _row(f"control: {label} (weighted), last step of the same run (90% of the data)", q, s,
+                 r.eval(f"weighted-snaplast-{tag}{q}-s{s}", base, eval_f, last), correct=last, **st)]
