@@ -122,6 +122,7 @@ def test_train_correct_and_load_with_diffusers(tmp_path, denoiser):
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows) and man["final_eval_loss"] > 0
     keys = list(safe_open(ad / "adapter_model.safetensors", "pt").keys())
     assert keys and all(".attn." in k or ".ff" in k or "proj_" in k for k in keys)  # diffusers' usual targets only
+    assert any(".attn.to_q.lora_A" in k for k in keys) and any(".ff" in k for k in keys)  # attention and MLP both
     assert not any("norm1" in k for k in keys)
     for mode in ("weighted", "auto"):
         cor = correct_adapter(ad, tmp_path / mode, CorrectConfig(mode=mode, device="cpu"))

@@ -187,11 +187,13 @@ def default_targets(model: nn.Module) -> str:
     family = family_of(model.config)
     parts = []
     for name, blocks in family.find_stacks(model):
-        rel = sorted({n for b in blocks for n, _ in block_linears(b)})
-        if family.default_targets is not None:
-            rel = [r for r in rel if r in family.default_targets]
+        many = isinstance(blocks, nn.ModuleList)  # else one module that is a block (a UNet's mid block)
+        rel = sorted({n for b in (blocks if many else [blocks]) for n, _ in block_linears(b)})
+        if family.default_targets is not None:  # names as users write them: the layer's last parts (`to_q`, `ff.net.2`)
+            rel = [r for r in rel if any(r == t or r.endswith("." + t) for t in family.default_targets)]
         if rel:
-            parts.append(rf"{re.escape(name)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})")
+            index = r"\.\d+" if many else ""
+            parts.append(rf"{re.escape(name)}{index}\.(?:{'|'.join(re.escape(r) for r in rel)})")
     if not parts:
         raise EmlocError("the model's blocks hold no nn.Linear layer to put LoRA on")
     return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
