@@ -1,7 +1,9 @@
 """Diffusers denoisers through the family table and the block-streaming engine: tiny Flux (double-
-then single-stream blocks) and SD3 (joint blocks) from configs, with pixel-space image records."""
+then single-stream blocks), SD3 (joint blocks) and a Stable-Diffusion UNet (down, mid and up blocks
+with skip connections; DDPM noise prediction) from configs, with pixel-space image records."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,16 +15,26 @@ FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, atte
             joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
 SD3 = dict(sample_size=8, patch_size=2, in_channels=1, num_layers=2, attention_head_dim=8, num_attention_heads=2,
            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=1, pos_embed_max_size=8)
+# two levels (one cross-attention down block, a plain one; the mirror up), linear projections as SD 2.x
+UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=4, use_linear_projection=True)
+CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "unet": "UNet2DConditionModel"}
+PREFIX = {"flux": "transformer", "sd3": "transformer", "unet": "unet"}
+
+
+def denoiser_class(kind: str):
+    return getattr(diffusers, CLASSES[kind])
 
 
 def make_denoiser(path: Path, kind: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = diffusers.FluxTransformer2DModel(**FLUX) if kind == "flux" else diffusers.SD3Transformer2DModel(**SD3)
+    model = denoiser_class(kind)(**{"flux": FLUX, "sd3": SD3, "unet": UNET}[kind])
     model.save_pretrained(path)
     return path
 
 
-def make_images(path: Path, n: int = 12, size: int = 8, seed: int = 0) -> Path:
+def make_images(path: Path, n: int = 12, size: int = 8, seed: int = 0, pooled: bool = True) -> Path:
     """JSONL of grey images (a bright square somewhere) with one of two conditionings."""
     import numpy as np
     from PIL import Image
@@ -31,8 +43,10 @@ def make_images(path: Path, n: int = 12, size: int = 8, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     (path.parent / "img").mkdir(parents=True, exist_ok=True)
     for c in range(2):
-        save_file({"encoder_hidden_states": torch.randn(3, 16, generator=g), "pooled_projections": torch.randn(16, generator=g)},
-                  path.parent / f"cond{c}.safetensors")
+        cond = {"encoder_hidden_states": torch.randn(3, 16, generator=g), "pooled_projections": torch.randn(16, generator=g)}
+        if not pooled:  # a UNet takes the text states only
+            cond.pop("pooled_projections")
+        save_file(cond, path.parent / f"cond{c}.safetensors")
     rows = []
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -45,10 +59,11 @@ def make_images(path: Path, n: int = 12, size: int = 8, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "unet"])
 def denoiser(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    return request.param, make_denoiser(root / "base", request.param), make_images(root / "data" / "train.jsonl")
+    return (request.param, make_denoiser(root / "base", request.param),
+            make_images(root / "data" / "train.jsonl", pooled=request.param != "unet"))
 
 
 def test_family_and_stacks(denoiser):
@@ -60,8 +75,11 @@ def test_family_and_stacks(denoiser):
     assert family_of(load_config(base)).name == kind
     stream = StreamedModel(base)
     names = [n for n, _ in stream.stacks]
-    assert names == (["transformer_blocks", "single_transformer_blocks"] if kind == "flux" else ["transformer_blocks"])
-    assert len(stream.blocks) == (4 if kind == "flux" else 2)
+    assert names == {"flux": ["transformer_blocks", "single_transformer_blocks"], "sd3": ["transformer_blocks"],
+                     "unet": ["down_blocks", "mid_block", "up_blocks"]}[kind]
+    assert len(stream.blocks) == {"flux": 4, "sd3": 2, "unet": 5}[kind]
+    if kind == "unet":
+        assert stream.prefixes == ["down_blocks.0.", "down_blocks.1.", "mid_block.", "up_blocks.0.", "up_blocks.1."]
 
 
 def _outputs(model, batches):
@@ -70,13 +88,14 @@ def _outputs(model, batches):
 
 
 def test_ratio_one_emulator_reproduces_the_denoiser(tmp_path, denoiser):
-    """Covers the capture, the two-stream block outputs and (Flux) both block lists."""
+    """Covers the capture, the two-stream block outputs, (Flux) both block lists and (UNet) the glue:
+    time embedding, text states and skip connections carried across down, mid and up blocks."""
     from emloc import EmulatorConfig, build_emulator, load_emulator
     from emloc.diffusion import denoiser_calibration
 
     kind, base, data = denoiser
     dense = build_emulator(base, data, tmp_path / "dense", EmulatorConfig(ratio=1.0, samples=6, draws=2, method="svd", device="cpu"))
-    cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
+    cls = denoiser_class(kind)
     orig = cls.from_pretrained(base).eval()
     batches, _ = denoiser_calibration(base, data, {"samples": 4, "draws": 1, "seed": 3})
     copy = load_emulator(dense, "cpu", "float32")
@@ -86,9 +105,13 @@ def test_ratio_one_emulator_reproduces_the_denoiser(tmp_path, denoiser):
     man = json.loads((half / "manifest.json").read_text())
     compressed = [k for k, v in man["layers"].items() if v["rank"] is not None]
     assert man["family"] == kind and compressed
-    assert all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in compressed)
+    assert all(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "down_blocks.", "mid_block.", "up_blocks."))
+               for k in compressed)
     if kind == "flux":
         assert any(k.startswith("single_transformer_blocks.") for k in compressed)
+    if kind == "unet":  # every transformer layer of down, mid and up blocks; never a resnet's time projection
+        assert {k.split(".")[0] for k in compressed} == {"down_blocks", "mid_block", "up_blocks"}
+        assert all(".attentions." in k for k in compressed) and not any("time_emb_proj" in k for k in man["layers"])
     assert all(0 <= man["layers"][k]["rel_error"] < 1 for k in compressed)
     out = _outputs(load_emulator(half, "cpu", "float32"), batches)
     assert all(torch.isfinite(o).all() for o in out)
@@ -100,6 +123,8 @@ def _batch(kind: str, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 1, 8, 8, generator=g)
     cond = {"encoder_hidden_states": torch.randn(2, 3, 16, generator=g), "pooled_projections": torch.randn(2, 16, generator=g)}
+    if kind == "unet":
+        cond.pop("pooled_projections")
     return model_inputs(kind, x, torch.tensor([0.3, 0.8]), cond)
 
 
@@ -113,7 +138,7 @@ def test_train_correct_and_load_with_diffusers(tmp_path, denoiser):
     from emloc.correct import CorrectConfig
 
     kind, base, data = denoiser
-    cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
+    cls = denoiser_class(kind)
     emu = build_emulator(base, data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=6, draws=2, method="svd", device="cpu"))
     ad = train_adapter(emu, data, tmp_path / "ad", TrainConfig(steps=4, batch_size=4, rank=4, alpha=12, lr=1e-2, device="cpu",
                                                                eval_fraction=0.2))
@@ -121,8 +146,8 @@ def test_train_correct_and_load_with_diffusers(tmp_path, denoiser):
     rows = [json.loads(line) for line in (ad / "loss_log.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows) and man["final_eval_loss"] > 0
     keys = list(safe_open(ad / "adapter_model.safetensors", "pt").keys())
-    assert keys and all(".attn." in k or ".ff" in k or "proj_" in k for k in keys)  # diffusers' usual targets only
-    assert any(".attn.to_q.lora_A" in k for k in keys) and any(".ff" in k for k in keys)  # attention and MLP both
+    assert keys and all(".attn" in k or ".ff" in k or "proj_" in k for k in keys)  # diffusers' usual targets only
+    assert any(re.search(r"\.attn\d?\.to_q\.lora_A", k) for k in keys) and any(".ff" in k for k in keys)  # attention and MLP
     assert not any("norm1" in k for k in keys)
     for mode in ("weighted", "auto"):
         cor = correct_adapter(ad, tmp_path / mode, CorrectConfig(mode=mode, device="cpu"))
@@ -133,10 +158,44 @@ def test_train_correct_and_load_with_diffusers(tmp_path, denoiser):
         plain = ref(**batch)[0]
         via_peft = PeftModel.from_pretrained(cls.from_pretrained(base), cor).eval()(**batch)[0]
         d = cls.from_pretrained(base)
-        d.load_lora_adapter(str(cor), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+        d.load_lora_adapter(str(cor), prefix=PREFIX[kind], weight_name="pytorch_lora_weights.safetensors")
         via_diffusers = d.eval()(**batch)[0]
     assert not torch.allclose(via_peft, plain)  # the adapter does something
     torch.testing.assert_close(via_diffusers, via_peft, atol=1e-5, rtol=1e-5)
+
+
+def test_paper_correction_identity_per_layer(tmp_path, denoiser):
+    """Inside each LoRA's input subspace, the original + corrected LoRA equals the emulator + trained LoRA,
+    for every LoRA'd layer the emulator compressed (Flux: both stacks; UNet: down, mid and up blocks)."""
+    from safetensors.torch import load_file
+
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, load_emulator, train_adapter
+    from emloc.correct import CorrectConfig
+
+    kind, base, data = denoiser
+    emu = build_emulator(base, data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=6, draws=2, method="svd", device="cpu"))
+    ad = train_adapter(emu, data, tmp_path / "ad", TrainConfig(steps=2, batch_size=4, rank=4, alpha=12, lr=5e-2, device="cpu",
+                                                               eval_fraction=0))
+    cor = correct_adapter(ad, tmp_path / "cor", CorrectConfig(mode="paper", clamp=None, device="cpu"))
+    s = 12 / 4
+    a, c = load_file(ad / "adapter_model.safetensors"), load_file(cor / "adapter_model.safetensors")
+    orig = denoiser_class(kind).from_pretrained(base).double()
+    em = load_emulator(emu, "cpu", "float32").double()
+    compressed = {k for k, v in json.loads((emu / "manifest.json").read_text())["layers"].items() if v["rank"] is not None}
+    checked = set()
+    for key in (k for k in a if k.endswith("lora_A.weight")):
+        name = key[len("base_model.model."):-len(".lora_A.weight")]
+        lin = em.get_submodule(name)
+        if name not in compressed:
+            continue
+        w, w_e = orig.get_submodule(name).weight, lin.dense_weight(torch.float64)
+        la, lb = a[key].double(), a[key.replace("lora_A", "lora_B")].double()
+        ca, cb = c[key].double(), c[key.replace("lora_A", "lora_B")].double()
+        x = torch.randn(5, la.shape[0], dtype=torch.float64) @ la
+        torch.testing.assert_close(x @ (w + s * cb @ ca).T, x @ (w_e + s * lb @ la).T, atol=1e-6, rtol=1e-6)
+        checked.add(name.split(".")[0])
+    assert checked == {"flux": {"transformer_blocks", "single_transformer_blocks"}, "sd3": {"transformer_blocks"},
+                       "unet": {"down_blocks", "mid_block", "up_blocks"}}[kind]
 
 
 def test_eval_and_merge_as_a_diffusers_folder(tmp_path, denoiser):
@@ -145,7 +204,7 @@ def test_eval_and_merge_as_a_diffusers_folder(tmp_path, denoiser):
     from emloc.evaluate import EvalConfig, evaluate
 
     kind, base, data = denoiser
-    cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
+    cls = denoiser_class(kind)
     emu = build_emulator(base, data, tmp_path / "emu", EmulatorConfig(ratio=0.5, samples=6, draws=2, method="svd", device="cpu"))
     ad = train_adapter(emu, data, tmp_path / "ad", TrainConfig(steps=2, batch_size=4, rank=4, lr=1e-2, device="cpu", eval_fraction=0))
     cor = correct_adapter(ad, tmp_path / "cor", CorrectConfig(mode="paper", clamp=None, device="cpu"))

@@ -53,6 +53,7 @@ class BenchConfig:
         clamps: clamp values for the clamp ablation (None = no clamp).
         calibration_sizes: calibration sizes for the calibration ablation.
         plain_svd: add the plain (non-whitened) SVD ablation.
+        seeded_plain_svd: run the plain SVD ablation at every ratio, with the main rows' seeds.
         energy_allocation: add the row whose emulator allocates ranks within each block by energy.
         sequential: add the sequential-calibration ablation.
         other_calibration: an embedded task whose training records calibrate an extra emulator (the
@@ -110,6 +111,7 @@ class BenchConfig:
     clamps: tuple[float | None, ...] = (1.0, 10.0, None)
     calibration_sizes: tuple[int, ...] = (8, 16, 256)
     plain_svd: bool = True
+    seeded_plain_svd: bool = False
     energy_allocation: bool = True
     sequential: bool = True
     other_calibration: str | None = "chatterbot-en"
@@ -133,7 +135,7 @@ class BenchConfig:
 
 PRESETS: dict[str, BenchConfig] = {
     "smoke": BenchConfig(steps=2, batch_size=4, samples=8, eval_samples=12, max_length=96, clamps=(None,),
-                         calibration_sizes=(4,), stats_dtype="float32"),
+                         calibration_sizes=(4,), stats_dtype="float32", heal=True, snapshot_choice=True),
     "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), clamps=(1.0, None), calibration_sizes=(8, 16, 256)),
     # the ablations run on `small`, except energy allocation (the lever that measured best there);
     # Qwen's frozen weights are bf16 (what a GPU uses; on a CPU with AVX512-BF16 it is 3-4x faster
@@ -163,7 +165,7 @@ PRESETS: dict[str, BenchConfig] = {
     # held-out class from 100 images; whitened (the default) against plain SVD (the reference code's)
     "diffusion": BenchConfig(base="fashion-flux-tiny", task="fashion-new-class", ratios=(0.5, 0.25), steps=100, batch_size=8,
                              lr=1e-3, seeds=(0, 1, 2), seeded_ratios=2, samples=32, dtype="float32", auto_correction=False,
-                             clamps=(), calibration_sizes=(), plain_svd=True, energy_allocation=False, sequential=False,
+                             clamps=(), calibration_sizes=(), plain_svd=True, seeded_plain_svd=True, energy_allocation=False, sequential=False,
                              other_calibration=None, baselines=False, scorer="emloc.fashion", extra_eval="prior.jsonl"),
     # a vision-language model (emloc.vqa: the real SmolLM2-135M with a vision tower pretrained here on
     # easy-vqa captions) fine-tuned on easy-vqa's questions, which its pretraining never asked
@@ -352,14 +354,17 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                 f"adapter-{q}-s{first}", str(r.build(f"emulator-{q}", base, train_f, q, cfg.samples)), train_f, eval_f, first), c)),
             correct=work / f"corrected-{q}-L{n}")))
 
-    def ablation(tag: str, label: str, samples: int, *flags: str, calibration: str | None = None, q: float = q):
+    def ablation(tag: str, label: str, samples: int, *flags: str, calibration: str | None = None, q: float = q,
+                 seed: int = first):
+        at = tag if seed == first else f"{tag}-s{seed}"  # the first seed keeps its names: earlier benches resume
+
         def go() -> list[dict[str, Any]]:
             emu = r.build(f"emulator-{q}-{tag}", base, calibration or train_f, q, samples, *flags)
-            ad = r.train(f"adapter-{q}-{tag}", str(emu), train_f, eval_f, first)
-            cor = r.correct(f"weighted-{q}-{tag}", ad, None, "weighted")
-            return [_row(f"ablation: {label}, weighted", q, first, r.eval(f"weighted-{q}-{tag}", base, eval_f, cor),
+            ad = r.train(f"adapter-{q}-{at}", str(emu), train_f, eval_f, seed)
+            cor = r.correct(f"weighted-{q}-{at}", ad, None, "weighted")
+            return [_row(f"ablation: {label}, weighted", q, seed, r.eval(f"weighted-{q}-{at}", base, eval_f, cor),
                          build=emu, train=ad, correct=cor),
-                    _row(f"ablation: {label}, uncorrected", q, first, r.eval(f"uncorrected-{q}-{tag}", base, eval_f, ad),
+                    _row(f"ablation: {label}, uncorrected", q, seed, r.eval(f"uncorrected-{q}-{at}", base, eval_f, ad),
                          build=emu, train=ad)]
         return go
     for rq in cfg.rtn_ratios:  # GPTQ's share: the same quantised emulator rounded to nearest
@@ -369,6 +374,10 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         jobs.append(("energy-allocation", ablation("energy", "energy rank allocation", cfg.samples, "--allocation", "energy")))
     if cfg.plain_svd:
         jobs.append(("plain-svd", ablation("plain", "plain SVD", cfg.samples, "--no-whiten")))
+        for pq in cfg.ratios if cfg.seeded_plain_svd else ():  # the same seeds and ratios as the main rows
+            for ps in cfg.seeds if pq in cfg.ratios[:cfg.seeded_ratios] else (first,):
+                if (pq, ps) != (q, first):
+                    jobs.append((f"plain-svd-{pq}-s{ps}", ablation("plain", "plain SVD", cfg.samples, "--no-whiten", q=pq, seed=ps)))
     if cfg.sequential:
         jobs.append(("sequential", ablation("seq", "sequential calibration", cfg.samples, "--sequential")))
     if cfg.other_calibration and cfg.data is None and cfg.other_calibration != cfg.task:

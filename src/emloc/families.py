@@ -50,6 +50,11 @@ class Family:
         objective: "module:class" of the training objective (see `emloc.objectives`).
         weights_stem: file stem of the library's weight shards (`model`, `diffusion_pytorch_model`).
         plannable: whether `emloc plan` has formulas for this kind of model.
+        glue: "module:Class" whose instance builds each block's inputs from the previous block's
+            output when blocks of different kinds hand each other more than one tensor (a UNet's
+            down, mid and up blocks and their skip connections); None: `block_outputs` says it.
+        compress: regex (searched in a layer's name) of the block linears an emulator compresses by
+            default; None: every block linear.
     """
 
     name: str
@@ -66,6 +71,8 @@ class Family:
     plannable: bool = True
     lora_prefix: str | None = None
     default_targets: tuple[str, ...] | None = None
+    glue: str | None = None
+    compress: str | None = None
 
     def calibrate(self, base_dir, path, settings: dict[str, Any]) -> tuple[list, int]:
         """The calibration inputs the block-streaming engine runs (records, or ready batches of model
@@ -81,6 +88,15 @@ class Family:
 
         module, cls = self.objective.split(":")
         return getattr(importlib.import_module(module), cls)(model_dir, cfg)
+
+    def make_glue(self) -> Any:
+        """A fresh instance of the family's glue (see `glue`), or None."""
+        import importlib
+
+        if self.glue is None:
+            return None
+        module, cls = self.glue.split(":")
+        return getattr(importlib.import_module(module), cls)()
 
     def auto(self) -> Any:
         import importlib
@@ -106,7 +122,7 @@ class Family:
 
     def find_stacks(self, model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         """(dotted name, module list) of every block stack to compress, in the order they run."""
-        if self.blocks is not None:
+        if self.blocks is not None:  # a path may name one module that is a block (a UNet's mid block)
             return [(b, model.get_submodule(b)) for b in self.blocks]  # type: ignore[misc]
         return [self.find_blocks(model)]
 
@@ -175,7 +191,14 @@ _DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusi
                  lora_prefix="transformer", default_targets=DIFFUSION_TARGETS, logit_postprocessing=())
 FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER)
 SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER)
-BY_DIFFUSERS_CLASS: dict[str, Family] = {f.auto_class: f for f in (FLUX, SD3)}
+# Stable Diffusion's UNet: down blocks, the mid block, up blocks, streamed one at a time; the glue
+# (emloc.unet) carries the time embedding, the text states and the skip connections between them.
+# Only the transformer layers' linears are compressed (a resnet's time-embedding projection sees one
+# vector per image, not per position); the UNet predicts the noise (DDPM, emloc.diffusion).
+UNET = Family("unet", "UNet2DConditionModel", blocks=("down_blocks", "mid_block", "up_blocks"),
+              **{**_DENOISER, "block_outputs": None, "lora_prefix": "unet"}, glue="emloc.unet:UNetGlue",
+              compress=r"\.(attentions|transformer_blocks)\.")
+BY_DIFFUSERS_CLASS: dict[str, Family] = {f.auto_class: f for f in (FLUX, SD3, UNET)}
 
 
 def diffusers_class(name: str) -> Any:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import EmlocError
 from .lowrank import rank_for_ratio, saves_parameters
+from .families import family_of
 from .models import block_linears
 from .quant import BASE_BYTES, FORMATS, format_for
 
@@ -121,24 +122,28 @@ def _plan_layers(stream: StreamedModel, rules: list[tuple[re.Pattern, float | No
     """Which layers get which rank, in the blocks and (where a ratio-table rule names them) in the
     vision tower's blocks `vision`; decided before any weight is read, so bad rules fail first."""
     used = [False] * len(rules)
-    plan = {k: v for name, stack in stream.stacks for k, v in _plan_stack(name + ".", stack, rules, targets, cfg, used, True).items()}
+    compress = family_of(stream.model.config).compress
+    if targets is None and compress:  # the family's default: e.g. a UNet's transformer layers only
+        targets = re.compile(compress)
+    plan = _plan_stack(list(zip(stream.prefixes, stream.blocks)), rules, targets, cfg, used, True)
     if not plan:
         raise EmlocError("no linear layer inside the transformer blocks matches --targets; loosen the pattern")
-    vision_plan = _plan_stack(vision[0] + ".", vision[1], rules, targets, cfg, used, every=False) if vision else {}
+    vision_plan = (_plan_stack([(f"{vision[0]}.{i}.", b) for i, b in enumerate(vision[1])], rules, targets, cfg, used,
+                               every=False) if vision else {})
     for (pat, _), hit in zip(rules, used):
         if not hit:
             raise EmlocError(f"ratio rule {pat.pattern!r} matches no layer (names look like {next(iter(plan))}); fix the regex")
     return plan, vision_plan
 
 
-def _plan_stack(prefix: str, blocks: nn.ModuleList, rules: list[tuple[re.Pattern, float | None]], targets: re.Pattern | None,
+def _plan_stack(blocks: list[tuple[str, nn.Module]], rules: list[tuple[re.Pattern, float | None]], targets: re.Pattern | None,
                 cfg: EmulatorConfig, used: list[bool], every: bool) -> dict[str, dict[str, Any]]:
-    """The plan of one block stack: every layer (unmatched ones dense), or with `every=False` only
-    the layers a rule compresses."""
+    """The plan of (block prefix, block) pairs: every layer (unmatched ones dense), or with
+    `every=False` only the layers a rule compresses."""
     plan: dict[str, dict[str, Any]] = {}
-    for i, block in enumerate(blocks):
+    for prefix, block in blocks:
         for rel, lin in block_linears(block):
-            full = f"{prefix}{i}.{rel}"
+            full = f"{prefix}{rel}"
             if targets and not targets.search(full):
                 continue
             ratio = None

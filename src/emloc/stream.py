@@ -75,6 +75,7 @@ class _Batch:
     kwargs: dict[str, Any]  # the block's other arguments (masks, positions, rotary tables)
     mask: torch.Tensor | None  # (B*T,) bool, real tokens; None when the batch has no padding
     args: tuple = ()  # the block's positional arguments after the hidden states (e.g. a vision layer's mask)
+    state: dict[str, Any] | None = None  # what a family's glue carries between blocks (a UNet's skip connections)
 
 
 def batches_by_length(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -96,8 +97,13 @@ class _Captured(Exception):
     """Raised by the pre-hook on block 0 once its inputs are stored."""
 
 
+RAW = ("*",)  # `block_outputs` of a family with glue: the block's output as it is, for the glue to read
+
+
 def _block_output(out: Any, names: tuple[str, ...] | None = None) -> Any:
     """What of a block's output the next block needs: the hidden states, or with `names` the whole tuple."""
+    if names == RAW:
+        return out
     if names is not None:
         return tuple(out)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -146,11 +152,15 @@ class StreamedModel:
             self.stacks = family.find_stacks(self.model)
         else:  # another stack, e.g. a vision tower's
             self.stacks = [(blocks, self.model.get_submodule(blocks))]
-        self.blocks = [b for _, stack in self.stacks for b in stack]
-        self.prefixes = [f"{name}.{i}." for name, stack in self.stacks for i in range(len(stack))]
+        # a stack is a ModuleList of blocks, or one module that is a block itself (a UNet's mid block)
+        self.blocks = [b for _, stack in self.stacks for b in (stack if isinstance(stack, nn.ModuleList) else [stack])]
+        self.prefixes = [p for name, stack in self.stacks for p in
+                         ([f"{name}.{i}." for i in range(len(stack))] if isinstance(stack, nn.ModuleList) else [f"{name}."])]
         self.blocks_name = ",".join(name for name, _ in self.stacks)
         self.prefix = self.stacks[0][0] + "."
-        self.block_outputs = family.block_outputs if blocks is None else None
+        # a family's glue builds each block's inputs from the previous block's raw output (see `Family.glue`)
+        self.glue = family.make_glue() if blocks is None else None
+        self.block_outputs = RAW if self.glue is not None else (family.block_outputs if blocks is None else None)
         # the records' real-token mask applies to a stack that runs on the token sequence, not to a
         # vision tower's (images x patches, never padded)
         self.token_mask = blocks is None
@@ -226,6 +236,8 @@ class StreamedModel:
                         pass
                     if len(store) != n + 1:
                         raise EmlocError("the model never reached its first block; emloc cannot calibrate this architecture")
+                    if self.glue is not None:
+                        store[-1] = self.glue.start(store[-1], batch, self.blocks[0])
         finally:
             handle.remove()
         return store
@@ -251,7 +263,8 @@ class StreamedModel:
             if i < last:
                 if sequential or step.outputs is None:
                     step.outputs = step.forward()
-                inputs = [_carry(o, b, self.block_outputs) for o, b in zip(step.outputs, inputs)]
+                inputs = ([self.glue.carry(o, b, self.blocks[i + 1]) for o, b in zip(step.outputs, inputs)] if self.glue is not None
+                          else [_carry(o, b, self.block_outputs) for o, b in zip(step.outputs, inputs)])
             step.outputs = None
             to_meta(block)
             self.store.release()
