@@ -198,6 +198,38 @@ def test_paper_correction_identity_per_layer(tmp_path, denoiser):
                        "unet": {"down_blocks", "mid_block", "up_blocks"}}[kind]
 
 
+def test_layer_drop_shortens_every_stack_and_maps_back(tmp_path, denoiser):
+    """The layer-drop baseline on a denoiser: each stack keeps round(ratio x L) blocks, the emulator equals
+    the kept blocks, and its adapter lands on the original's blocks they came from. A UNet is refused."""
+    from safetensors.torch import load_file
+
+    from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, load_emulator, train_adapter
+    from emloc.correct import CorrectConfig
+    from emloc.errors import EmlocError
+
+    kind, base, data = denoiser
+    cfg = EmulatorConfig(ratio=0.5, samples=4, method="layer-drop", device="cpu")
+    if kind == "unet":
+        with pytest.raises(EmlocError, match="layer drop cannot shorten"):
+            build_emulator(base, data, tmp_path / "emu", cfg)
+        assert not (tmp_path / "emu").exists()
+        return
+    emu = build_emulator(base, data, tmp_path / "emu", cfg)
+    man = json.loads((emu / "manifest.json").read_text())
+    want = {"flux": {"transformer_blocks": {"0": 1}, "single_transformer_blocks": {"0": 1}},
+            "sd3": {"0": 1}}[kind]  # 2 blocks per stack, ratio 0.5: the last one kept
+    assert man["block_map"] == want
+    small, orig = load_emulator(emu, "cpu", "float32"), denoiser_class(kind).from_pretrained(base)
+    assert len(small.transformer_blocks) == 1 and small.config["num_layers"] == 1
+    torch.testing.assert_close(small.transformer_blocks[0].state_dict(), orig.transformer_blocks[1].state_dict())
+    ad = train_adapter(emu, data, tmp_path / "ad", TrainConfig(steps=1, batch_size=4, rank=4, device="cpu", eval_fraction=0))
+    mapped = correct_adapter(ad, tmp_path / "mapped", CorrectConfig(mode="none", device="cpu"))
+    a, b = load_file(ad / "adapter_model.safetensors"), load_file(mapped / "adapter_model.safetensors")
+    assert {k.replace("blocks.0.", "blocks.1.") for k in a} == set(b)  # block 0 of each stack is the original's block 1
+    for k, v in a.items():
+        torch.testing.assert_close(b[k.replace("blocks.0.", "blocks.1.")], v)
+
+
 def test_eval_and_merge_as_a_diffusers_folder(tmp_path, denoiser):
     from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, merge_adapter, train_adapter
     from emloc.correct import CorrectConfig
@@ -290,7 +322,8 @@ def test_bench_rows_on_a_denoiser(tmp_path, monkeypatch):
     report = run_bench(tmp_path / "bench", cfg)
     methods = {r["method"] for r in report["rows"]}
     for m in ("zero-shot original", "LoRA on the original", "EMLoC (weighted correction)", "EMLoC uncorrected",
-              "EMLoC adapter on the emulator", "ablation: plain SVD, weighted", "ablation: plain SVD, uncorrected"):
+              "EMLoC adapter on the emulator", "ablation: plain SVD, weighted", "ablation: plain SVD, uncorrected",
+              "Offsite-style emulator (layer drop)"):
         assert m in methods, m
     assert report["metric"] == "denoising MSE"
     assert all(r["nll"] > 0 and r["prior_loss"] > 0 for r in report["rows"])

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, save_finite, staged_output, versions, write_json
 from .data import calibration_records
 from .errors import EmlocError
+from .families import family_of
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config, load_processor, load_tokenizer,
                      parse_device, parse_dtype)
 from .stream import INPUT_SUMSQ, StreamedModel
@@ -41,6 +42,8 @@ def kept_blocks(n_blocks: int, ratio: float, edge: int = 2) -> list[int]:
     k = max(1, min(n_blocks, round(ratio * n_blocks)))
     if k >= n_blocks:
         return list(range(n_blocks))
+    if k == 1:  # the last block: some stacks end in a block of another shape (SD3's context-free last block)
+        return [n_blocks - 1]
     edge = min(edge, k // 2)
     middle = list(range(edge, n_blocks - edge))
     inner = k - 2 * edge
@@ -77,7 +80,10 @@ class _ShardWriter:
 
     def finish(self, base_dir: Path, config: Any, manifest: dict[str, Any]) -> None:
         write_json(self.folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map})
-        config.save_pretrained(self.folder)
+        if isinstance(config, dict):  # a diffusers config
+            write_json(self.folder / "config.json", dict(config))
+        else:
+            config.save_pretrained(self.folder)
         copy_tokenizer_files(base_dir, self.folder)
         if (base_dir / "generation_config.json").is_file():
             shutil.copy2(base_dir / "generation_config.json", self.folder / "generation_config.json")
@@ -117,33 +123,56 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
         if not hasattr(text, "intermediate_size"):
             raise EmlocError(f"{config.model_type} has no intermediate_size in its config; channel pruning cannot resize it")
         k = _channels_kept(blocks[0], producers, consumer, float(cfg.ratio))
+    family = family_of(config)
+    stacks = family.find_stacks(model) if method == "layer-drop" else [(blocks_name, blocks)]
+    if method == "layer-drop" and (len(family.stack_lengths) != len(stacks)
+                                   or not all(isinstance(b, torch.nn.ModuleList) for _, b in stacks)):
+        raise EmlocError(f"layer drop cannot shorten a {family.name} model's block stacks (its blocks differ in shape); "
+                         "use --method svd")
     manifest: dict[str, Any] = {
         "kind": "emulator", "method": method, "base": str(base_dir), "base_fingerprint": fingerprint(base_dir),
-        "blocks": blocks_name, "config": cfg, "calibration": {"file": str(calibration), "samples": cfg.samples},
+        "blocks": ",".join(n for n, _ in stacks), "config": cfg, "calibration": {"file": str(calibration), "samples": cfg.samples},
         "params": {"base": sum(p.numel() for p in model.parameters())}, "layers": {}, "versions": versions()}
     with staged_output(output, overwrite, (base_dir, calibration)) as tmp:
         emit = _ShardWriter(tmp)
         if method == "layer-drop":
-            keep = kept_blocks(len(blocks), float(cfg.ratio))
-            for j, i in enumerate(tqdm(keep, desc="copying kept blocks", unit="block")):
-                emit(f"block-{j:05d}.safetensors", {f"{prefix}{j}.{n[len(f'{prefix}{i}.'):]}": store.get(n).contiguous()
-                                                    for n in names if n.startswith(f"{prefix}{i}.")})
-                store.release()
-            text.num_hidden_layers = len(keep)
-            if isinstance(getattr(text, "layer_types", None), list):
-                text.layer_types = [text.layer_types[i] for i in keep]
-            manifest["block_map"] = {str(j): i for j, i in enumerate(keep)}
+            maps = _drop_blocks(stacks, family.stack_lengths, text, store, names, float(cfg.ratio), emit)
+            # one stack: {kept j: original i}, as before; several: per stack
+            manifest["block_map"] = maps if len(maps) > 1 else next(iter(maps.values()))
         else:
             channels = _prune_blocks(base_dir, calibration, cfg, store, names, prefix, len(blocks), producers, consumer, k, emit)
             text.intermediate_size = k
             manifest.update(mlp_producers=producers, mlp_consumer=consumer, mlp_width=dict(block_linears(blocks[0]))[consumer].in_features,
                             channels_kept=k, channels=channels)
-        emit("rest.safetensors", {n: store.get(n).contiguous() for n in names if not n.startswith(prefix)})
+        inside = tuple(f"{n}." for n, _ in stacks)
+        emit("rest.safetensors", {n: store.get(n).contiguous() for n in names if not n.startswith(inside)})
         store.release()
         manifest.update(wall_seconds=round(watch.seconds, 1), **peak_memory_mb())
         emit.finish(base_dir, config, manifest)
     print(watch.summary("build", output))
     return output
+
+
+def _drop_blocks(stacks: list[tuple[str, torch.nn.ModuleList]], lengths: tuple[str, ...], text: Any, store: WeightStore,
+                 names: list[str], ratio: float, emit: _ShardWriter) -> dict[str, dict[str, int]]:
+    """Copy the kept blocks of every stack (renumbered from 0), shorten the config; return stack -> {kept j: original i}."""
+    block_map: dict[str, dict[str, int]] = {}
+    shard = 0
+    for (name, blocks), length in zip(stacks, lengths):
+        keep, p = kept_blocks(len(blocks), ratio), f"{name}."
+        for j, i in enumerate(tqdm(keep, desc=f"copying kept blocks of {name}", unit="block")):
+            emit(f"block-{shard:05d}.safetensors", {f"{p}{j}.{n[len(f'{p}{i}.'):]}": store.get(n).contiguous()
+                                                    for n in names if n.startswith(f"{p}{i}.")})
+            shard += 1
+            store.release()
+        if isinstance(text, dict):  # a diffusers config
+            text[length] = len(keep)
+        else:
+            setattr(text, length, len(keep))
+            if isinstance(getattr(text, "layer_types", None), list):
+                text.layer_types = [text.layer_types[i] for i in keep]
+        block_map[name] = {str(j): i for j, i in enumerate(keep)}
+    return block_map
 
 
 def _channels_kept(block: torch.nn.Module, producers: list[str], consumer: str, ratio: float) -> int:
@@ -203,6 +232,8 @@ def to_original(tensors: dict[str, torch.Tensor], emanifest: dict[str, Any]) -> 
     so the adapter's update is zero on channels the emulator did not have.
     """
     method = emanifest.get("method")
+    if method == "layer-drop":
+        return _undrop(tensors, emanifest)
     prefix = emanifest["blocks"] + "."
     pat = re.compile(rf"^(base_model\.model\.)?{re.escape(prefix)}(\d+)\.(.*)$")
     out: dict[str, torch.Tensor] = {}
@@ -211,10 +242,7 @@ def to_original(tensors: dict[str, torch.Tensor], emanifest: dict[str, Any]) -> 
         if m is None:
             out[key] = v
             continue
-        head, idx, rel = m.group(1) or "", int(m.group(2)), m.group(3)
-        if method == "layer-drop":
-            out[f"{head}{prefix}{emanifest['block_map'][str(idx)]}.{rel}"] = v
-            continue
+        idx, rel = int(m.group(2)), m.group(3)
         kept = torch.tensor(emanifest["channels"][f"{prefix}{idx}."])
         if any(rel.startswith(p + ".lora_B") for p in emanifest["mlp_producers"]):
             full = torch.zeros(emanifest["mlp_width"], v.shape[1], dtype=v.dtype)
@@ -227,3 +255,20 @@ def to_original(tensors: dict[str, torch.Tensor], emanifest: dict[str, Any]) -> 
         out[key] = v
     return out
 
+
+
+def _undrop(tensors: dict[str, torch.Tensor], emanifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A layer-drop emulator's LoRA under the original's block numbers, stack by stack."""
+    maps = emanifest["block_map"]
+    if all(isinstance(v, int) for v in maps.values()):  # one stack, as earlier versions recorded it
+        maps = {emanifest["blocks"]: maps}
+    pats = [(name, m, re.compile(rf"^(base_model\.model\.)?{re.escape(name)}\.(\d+)\.(.*)$")) for name, m in maps.items()]
+    out: dict[str, torch.Tensor] = {}
+    for key, v in tensors.items():
+        for name, m, pat in pats:
+            hit = pat.match(key)
+            if hit:
+                key = f"{hit.group(1) or ''}{name}.{m[hit.group(2)]}.{hit.group(3)}"
+                break
+        out[key] = v
+    return out

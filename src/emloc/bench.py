@@ -58,7 +58,8 @@ class BenchConfig:
         sequential: add the sequential-calibration ablation.
         other_calibration: an embedded task whose training records calibrate an extra emulator (the
             off-task calibration ablation), or None.
-        baselines: add the Offsite-style (layer drop) and pruning emulators at the first ratio.
+        baselines: add the baseline emulators of `baseline_methods` at the first ratio.
+        baseline_methods: which: `layer-drop` (Offsite-style) and/or `channel-prune`.
         methods: emulator methods of the EMLoC rows (`svd`, `quant`, `svd+quant`; see `emloc build
             --method`); a method that cannot reach a ratio's bytes is listed as not run there.
         qlora: add QLoRA rows (LoRA trained on an NF4 copy of the base with bitsandbytes, evaluated on
@@ -116,6 +117,7 @@ class BenchConfig:
     sequential: bool = True
     other_calibration: str | None = "chatterbot-en"
     baselines: bool = True
+    baseline_methods: tuple[str, ...] = ("layer-drop", "channel-prune")
     methods: tuple[str, ...] = ("svd",)
     qlora: bool = False
     checkpointing: bool = False
@@ -166,7 +168,7 @@ PRESETS: dict[str, BenchConfig] = {
     "diffusion": BenchConfig(base="fashion-flux-tiny", task="fashion-new-class", ratios=(0.5, 0.25), steps=100, batch_size=8,
                              lr=1e-3, seeds=(0, 1, 2), seeded_ratios=2, samples=32, dtype="float32", auto_correction=False,
                              clamps=(), calibration_sizes=(), plain_svd=True, seeded_plain_svd=True, energy_allocation=False, sequential=False,
-                             other_calibration=None, baselines=False, scorer="emloc.fashion", extra_eval="prior.jsonl"),
+                             other_calibration=None, baselines=True, baseline_methods=("layer-drop",), scorer="emloc.fashion", extra_eval="prior.jsonl"),
     # a vision-language model (emloc.vqa: the real SmolLM2-135M with a vision tower pretrained here on
     # easy-vqa captions) fine-tuned on easy-vqa's questions, which its pretraining never asked
     "vlm": BenchConfig(base="smollm2-vqa-135m", task="easy-vqa", ratios=(0.5, 0.25), steps=100, seeds=(0, 1, 2),
@@ -339,7 +341,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                 r.train(f"lora-original-checkpointing-s{first}", base, train_f, eval_f, first, "--gradient-checkpointing")),
             train=work / f"lora-original-checkpointing-s{first}")))
     for ratio in cfg.ratios[:1] if cfg.baselines else ():
-        for method, label in BASELINES.items():
+        for method, label in ((m, BASELINES[m]) for m in cfg.baseline_methods):
             def baseline(q=ratio, method=method, label=label) -> dict[str, Any]:
                 emu = r.build(f"{method}-{q}", base, train_f, q, cfg.samples, "--method", method)
                 ad = r.train(f"adapter-{method}-{q}", str(emu), train_f, eval_f, first)

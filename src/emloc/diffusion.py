@@ -182,8 +182,10 @@ def calibration_batches(records: list[ImageRecord], family: str, draws: int, see
 
 def image_shape(config: Any) -> tuple[int, int | None]:
     """(channels, size) of a denoiser's input images: Flux packs 2 x 2 patches into its channels and
-    takes any size; SD3 takes `sample_size`."""
-    if config.get("_class_name") == "FluxTransformer2DModel":
+    takes any size; SD3 and a UNet take `sample_size`."""
+    from .families import family_of
+
+    if DENOISERS[family_of(config).name].packed:
         return config["in_channels"] // 4, None
     return config["in_channels"], config.get("sample_size")
 

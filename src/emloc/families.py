@@ -55,6 +55,9 @@ class Family:
             down, mid and up blocks and their skip connections); None: `block_outputs` says it.
         compress: regex (searched in a layer's name) of the block linears an emulator compresses by
             default; None: every block linear.
+        stack_lengths: the config attribute holding each stack's number of blocks (of the text
+            config, for a vision-language model), which a layer-drop emulator rewrites; empty: the
+            stacks cannot be shortened (a UNet's blocks differ in shape).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Family:
     default_targets: tuple[str, ...] | None = None
     glue: str | None = None
     compress: str | None = None
+    stack_lengths: tuple[str, ...] = ("num_hidden_layers",)
 
     def calibrate(self, base_dir, path, settings: dict[str, Any]) -> tuple[list, int]:
         """The calibration inputs the block-streaming engine runs (records, or ready batches of model
@@ -189,15 +193,16 @@ _DENOISER = dict(task_type=None, library="diffusers", calibration="emloc.diffusi
                  objective="emloc.objectives:FlowMatching", weights_stem="diffusion_pytorch_model",
                  plannable=False, block_outputs=("encoder_hidden_states", "hidden_states"),
                  lora_prefix="transformer", default_targets=DIFFUSION_TARGETS, logit_postprocessing=())
-FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER)
-SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER)
+FLUX = Family("flux", "FluxTransformer2DModel", blocks=("transformer_blocks", "single_transformer_blocks"), **_DENOISER,
+              stack_lengths=("num_layers", "num_single_layers"))
+SD3 = Family("sd3", "SD3Transformer2DModel", blocks=("transformer_blocks",), **_DENOISER, stack_lengths=("num_layers",))
 # Stable Diffusion's UNet: down blocks, the mid block, up blocks, streamed one at a time; the glue
 # (emloc.unet) carries the time embedding, the text states and the skip connections between them.
 # Only the transformer layers' linears are compressed (a resnet's time-embedding projection sees one
 # vector per image, not per position); the UNet predicts the noise (DDPM, emloc.diffusion).
 UNET = Family("unet", "UNet2DConditionModel", blocks=("down_blocks", "mid_block", "up_blocks"),
               **{**_DENOISER, "block_outputs": None, "lora_prefix": "unet"}, glue="emloc.unet:UNetGlue",
-              compress=r"\.(attentions|transformer_blocks)\.")
+              compress=r"\.(attentions|transformer_blocks)\.", stack_lengths=())
 BY_DIFFUSERS_CLASS: dict[str, Family] = {f.auto_class: f for f in (FLUX, SD3, UNET)}
 
 
