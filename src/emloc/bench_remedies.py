@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bench_runner import _row
+
 
 def _names(method: str) -> tuple[str, str, tuple[str, ...]]:
     """(artifact tag, row label, build flags) of an emulator method (svd keeps its old names: benches resume)."""
@@ -14,8 +16,6 @@ def _names(method: str) -> tuple[str, str, tuple[str, ...]]:
 
 def refine_row(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> dict[str, Any]:
     """Remedy: the EMLoC adapter (weighted correction) refined on the original, LoRA of the last K blocks only."""
-    from .bench import _row
-
     tag, label, flags = _names(method)
     emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
     wc = r.correct(f"weighted-{tag}{q}-s{s}", r.train(f"adapter-{tag}{q}-s{s}", str(emu), train_f, eval_f, s), None, "weighted")
@@ -28,8 +28,6 @@ def refine_row(r: Any, method: str, q: float, s: int, base: str, train_f: str, e
 
 def qlora_rows(r: Any, s: int, on_nf4: bool, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
     """QLoRA: LoRA trained on an NF4 copy of the base (bitsandbytes), on the original; and on the NF4 copy."""
-    from .bench import _row
-
     ad = r.train(f"qlora-s{s}", base, train_f, eval_f, s, "--quantize", "nf4")
     rows = [_row("QLoRA (NF4 base), on the original", None, s, r.eval(f"qlora-s{s}", base, eval_f, ad), train=ad)]
     if on_nf4:
@@ -40,8 +38,6 @@ def qlora_rows(r: Any, s: int, on_nf4: bool, base: str, train_f: str, eval_f: st
 
 def heal_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
     """Remedy: the emulator healed towards the original (`emloc heal`) before the task LoRA trains on it."""
-    from .bench import _row
-
     tag, label, flags = _names(method)
     emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
     healed = r.work / f"healed-{tag}{q}"
@@ -59,8 +55,6 @@ def heal_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, ev
 
 def snapshot_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
     """Remedy: the training step chosen by the original's loss on records the training held out."""
-    from .bench import _row
-
     tag, label, flags = _names(method)
     emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
     every = str(max(1, r.cfg.steps // 5))
