@@ -13,18 +13,15 @@ emulator folder like any other: the task LoRA trains on it, `emloc correct` corr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .artifacts import MANIFEST, Stopwatch, check_output, fingerprint, peak_memory_mb, read_manifest, save_finite, staged_output, versions, write_json
@@ -106,29 +103,10 @@ def _distill_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return -(probs * top).sum() - (rest_p * rest_q.log()).sum()
 
 
-@contextlib.contextmanager
-def _distill_head(head: nn.Linear, keep: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor,
-                  chunk: int = 256) -> Iterator[None]:
-    """Make the output head return the summed distillation loss of the kept positions (see `loss._loss_head`)."""
-    def forward(x: torch.Tensor) -> torch.Tensor:  # x: B x T x d
-        h = x[:, :-1][keep]
-        total = (x.sum() * 0).float()
-        for i in range(0, len(h), chunk):
-            total = total + checkpoint(_distill_sum, h[i:i + chunk], head.weight, head.bias, probs[i:i + chunk],
-                                       ids[i:i + chunk], use_reentrant=False)
-        return total
-
-    head.forward = forward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 def _batch_loss(model: nn.Module, items: list, targets: list, pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """(summed distillation loss, positions) of one batch of records on the emulator with its healing term."""
     from .data import collate
-    from .loss import output_head
+    from .loss import head_returns, output_head
 
     batch = collate(items, pad_id)
     keep = batch["attention_mask"][:, 1:].bool().to(device)
@@ -139,7 +117,7 @@ def _batch_loss(model: nn.Module, items: list, targets: list, pad_id: int, devic
     if head is None:  # logits post-processed by the model: the full logits, then the same loss
         logits = model(**inputs).logits[:, :-1][keep]
         return _distill_sum(logits, torch.eye(logits.shape[-1], device=device, dtype=logits.dtype), None, probs, ids), len(probs)
-    with _distill_head(head, keep, probs, ids):
+    with head_returns(head, keep, _distill_sum, (probs, ids), chunk=256):
         total = model(**inputs).logits
     return total.reshape(()), len(probs)
 

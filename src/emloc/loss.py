@@ -12,7 +12,7 @@ ZeRO-3, which gather the head's weight only for that call.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,20 +49,24 @@ def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y:
 
 
 @contextlib.contextmanager
-def _loss_head(head: nn.Linear, keep: torch.Tensor, y: torch.Tensor, chunk: int) -> Iterator[None]:
-    """Make the head return the answer tokens' summed NLL (a 0-d tensor) instead of logits.
+def head_returns(head: nn.Linear, keep: torch.Tensor, loss_fn: Callable[..., torch.Tensor], targets: tuple[torch.Tensor, ...],
+                 chunk: int) -> Iterator[None]:
+    """Make the head return the summed loss of the kept positions (a 0-d tensor) instead of logits.
 
+    `loss_fn(h, weight, bias, *targets)` sums the loss of a chunk of positions (h: chunk x d; each
+    target: the chunk's rows of `targets`, one row per kept position). It runs per chunk of `chunk`
+    positions under activation checkpointing, so at most chunk x vocabulary logits exist at a time.
     The loss is computed inside the head's own call, i.e. inside the model's forward: under FSDP and
     ZeRO-3 that is where the head's weight is gathered (and its module hooks gather it again for the
     backward pass); read after the forward, it may already be released.
     """
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: B x T x d, the final hidden states
-        h, t = x[:, :-1][keep], y[keep]
-        total = (x.sum() * 0).float()  # keeps the graph connected when no token carries loss
+        h = x[:, :-1][keep]
+        total = (x.sum() * 0).float()  # keeps the graph connected when no position carries loss
         grad = torch.is_grad_enabled()
-        for i in range(0, len(t), chunk):
-            args = (h[i:i + chunk], head.weight, head.bias, t[i:i + chunk])
-            total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if grad else _ce_sum(*args))
+        for i in range(0, len(h), chunk):
+            args = (h[i:i + chunk], head.weight, head.bias, *(t[i:i + chunk] for t in targets))
+            total = total + (checkpoint(loss_fn, *args, use_reentrant=False) if grad else loss_fn(*args))
         return total
 
     head.forward = forward  # type: ignore[method-assign]
@@ -70,6 +74,11 @@ def _loss_head(head: nn.Linear, keep: torch.Tensor, y: torch.Tensor, chunk: int)
         yield
     finally:
         del head.forward
+
+
+def _loss_head(head: nn.Linear, keep: torch.Tensor, y: torch.Tensor, chunk: int) -> contextlib.AbstractContextManager:
+    """The head returns the answer tokens' summed NLL (see `head_returns`)."""
+    return head_returns(head, keep, _ce_sum, (y[keep],), chunk)
 
 
 def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 256) -> tuple[torch.Tensor, int]:
