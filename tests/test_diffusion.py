@@ -206,6 +206,8 @@ def test_layer_drop_shortens_every_stack_and_maps_back(tmp_path, denoiser):
     from emloc import EmulatorConfig, TrainConfig, build_emulator, correct_adapter, load_emulator, train_adapter
     from emloc.correct import CorrectConfig
     from emloc.errors import EmlocError
+    from emloc.models import block_linears
+    from emloc.stream import StreamedModel
 
     kind, base, data = denoiser
     cfg = EmulatorConfig(ratio=0.5, samples=4, method="layer-drop", device="cpu")
@@ -219,6 +221,9 @@ def test_layer_drop_shortens_every_stack_and_maps_back(tmp_path, denoiser):
     want = {"flux": {"transformer_blocks": {"0": 1}, "single_transformer_blocks": {"0": 1}},
             "sd3": {"0": 1}}[kind]  # 2 blocks per stack, ratio 0.5: the last one kept
     assert man["block_map"] == want
+    per_block = [2 * sum(lin.weight.numel() for _, lin in block_linears(b)) for b in StreamedModel(base).blocks]
+    kept = per_block[1] + (per_block[3] if kind == "flux" else 0)
+    assert man["bytes"]["fraction"] == pytest.approx(kept / sum(per_block))
     small, orig = load_emulator(emu, "cpu", "float32"), denoiser_class(kind).from_pretrained(base)
     assert len(small.transformer_blocks) == 1 and small.config["num_layers"] == 1
     torch.testing.assert_close(small.transformer_blocks[0].state_dict(), orig.transformer_blocks[1].state_dict())

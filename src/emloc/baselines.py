@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .artifacts import MANIFEST, Stopwatch, fingerprint, peak_memory_mb, save_finite, staged_output, versions, write_json
 from .data import calibration_records
 from .errors import EmlocError
+from .quant import BASE_BYTES
 from .families import family_of
 from .models import (WeightStore, block_linears, copy_tokenizer_files, empty_model, find_blocks, load_config, load_processor, load_tokenizer,
                      parse_device, parse_dtype)
@@ -139,6 +140,7 @@ def build_baseline(method: str, base_dir: Path, calibration: Path, output: Path,
             maps = _drop_blocks(stacks, family.stack_lengths, text, store, names, float(cfg.ratio), emit)
             # one stack: {kept j: original i}, as before; several: per stack
             manifest["block_map"] = maps if len(maps) > 1 else next(iter(maps.values()))
+            manifest["bytes"] = _kept_bytes(stacks, maps)
         else:
             channels = _prune_blocks(base_dir, calibration, cfg, store, names, prefix, len(blocks), producers, consumer, k, emit)
             text.intermediate_size = k
@@ -173,6 +175,15 @@ def _drop_blocks(stacks: list[tuple[str, torch.nn.ModuleList]], lengths: tuple[s
                 text.layer_types = [text.layer_types[i] for i in keep]
         block_map[name] = {str(j): i for j, i in enumerate(keep)}
     return block_map
+
+
+def _kept_bytes(stacks: list[tuple[str, torch.nn.ModuleList]], maps: dict[str, dict[str, int]]) -> dict[str, float]:
+    """The block linears' bytes (counted in bfloat16) of the original and of the kept blocks, and their fraction
+    (per-stack rounding can keep more than `ratio`: e.g. a stack of one block keeps it)."""
+    size = {name: [BASE_BYTES * sum(lin.weight.numel() for _, lin in block_linears(b)) for b in blocks] for name, blocks in stacks}
+    total = sum(sum(v) for v in size.values())
+    kept = sum(size[name][i] for name, m in maps.items() for i in m.values())
+    return {"block_linears_bf16": total, "emulator_block_linears": kept, "fraction": kept / max(total, 1)}
 
 
 def _channels_kept(block: torch.nn.Module, producers: list[str], consumer: str, ratio: float) -> int:
