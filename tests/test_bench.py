@@ -15,10 +15,6 @@ from .conftest import make_data, make_model_dir
 pytestmark = pytest.mark.slow
 
 
-def emloc_bytes(report: dict) -> float:
-    return next(r["bytes_fraction"] for r in report["rows"] if r["method"] == "EMLoC (weighted correction)")
-
-
 def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     out = tmp_path / "bench"
     base = make_model_dir(tmp_path / "base", "llama", layers=4)  # layer drop keeps 2 of its blocks
@@ -35,12 +31,9 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
               "ablation: 4 calibration samples, weighted",
               "Offsite-style emulator (layer drop)",
               "pruning emulator (MLP channels)", "EMLoC (auto correction, the default)",
-              "remedy: healed emulator (rank 8) + EMLoC (weighted correction)",
               "remedy: EMLoC (weighted), training step chosen on the original (90% of the data)",
               "control: EMLoC (weighted), last step of the same run (90% of the data)"):
         assert m in methods, m
-    healed = next(r for r in report["rows"] if r["method"].startswith("remedy: healed emulator"))
-    assert healed["bytes_fraction"] > emloc_bytes(report)  # the healing term's bytes are counted
     assert "QLoRA (NF4 base)" in report["not_run"]  # the smoke preset leaves QLoRA to the budget presets
     emloc_row = next(r for r in report["rows"] if r["method"] == "EMLoC (weighted correction)")
     lora_row = next(r for r in report["rows"] if r["method"] == "LoRA on the original")

@@ -1,5 +1,5 @@
-"""Bench rows of the baselines and remedies beyond EMLoC's own: QLoRA, top-K refinement on the original,
-the healed emulator and the training step chosen on the original (see `BenchConfig`)."""
+"""Bench rows of the baselines and remedies beyond EMLoC's own: QLoRA, top-K refinement on the original
+and the training step chosen on the original (see `BenchConfig`)."""
 
 from __future__ import annotations
 
@@ -34,23 +34,6 @@ def qlora_rows(r: Any, s: int, on_nf4: bool, base: str, train_f: str, eval_f: st
         rows.append(_row("QLoRA (NF4 base), on the NF4 model", None, s,
                          r.eval(f"qlora-nf4-s{s}", base, eval_f, ad, "--quantize", "nf4"), train=ad))
     return rows
-
-
-def heal_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
-    """Remedy: the emulator healed towards the original (`emloc heal`) before the task LoRA trains on it."""
-    tag, label, flags = _names(method)
-    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
-    healed = r.work / f"healed-{tag}{q}"
-    if not (healed / "manifest.json").is_file():
-        r.cli("heal", "--emulator", str(emu), "--output", str(healed), "--steps", str(r.cfg.steps), "--seed", str(s),
-              "--overwrite", *r.dev())
-    ad = r.train(f"adapter-healed-{tag}{q}-s{s}", str(healed), train_f, eval_f, s)
-    wc = r.correct(f"weighted-healed-{tag}{q}-s{s}", ad, None, "weighted")
-    st = {"build": healed, "train": ad}
-    return [_row(f"remedy: healed emulator (rank 8) + {label} (weighted correction)", q, s,
-                 r.eval(f"weighted-healed-{tag}{q}-s{s}", base, eval_f, wc), correct=wc, **st),
-            _row(f"remedy: healed emulator (rank 8) + {label} uncorrected", q, s,
-                 r.eval(f"uncorrected-healed-{tag}{q}-s{s}", base, eval_f, ad), **st)]
 
 
 def snapshot_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:

@@ -141,12 +141,6 @@ def cmd_correct(ns: argparse.Namespace) -> None:
     correct_adapter(ns.adapter, ns.output, build_config(CorrectConfig, ns), ns.overwrite, emulator=ns.emulator, base=ns.base)
 
 
-def cmd_heal(ns: argparse.Namespace) -> None:
-    from .heal import HealConfig, heal_emulator
-
-    heal_emulator(ns.emulator, ns.output, build_config(HealConfig, ns), ns.overwrite, base=ns.base, calibration=ns.calibration)
-
-
 def cmd_merge(ns: argparse.Namespace) -> None:
     from .merge import merge_adapter
 
@@ -232,15 +226,6 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--plan-seq-len", type=int, default=2048, help="training sequence length assumed by --budget (default: 2048)")
     add_config_flags(b, EmulatorConfig, skip=("ratio",))
 
-    from .heal import HealConfig
-
-    h = verb("heal", cmd_heal, "fit an emulator to the original's predictions before the task LoRA trains on it (optional)")
-    h.add_argument("--emulator", required=True, help="emulator folder (output of `emloc build`)")
-    h.add_argument("--output", required=True, help="healed emulator folder to create")
-    h.add_argument("--base", help="original model (default: from the emulator's manifest)")
-    h.add_argument("--calibration", help="JSONL records (default: the emulator's calibration file)")
-    add_config_flags(h, HealConfig)
-
     t = verb("train", cmd_train, "train a LoRA adapter on an emulator (or on any model, for comparison)")
     t.add_argument("--model", required=True, help="emulator folder (or model folder / packaged name)")
     t.add_argument("--data", required=True, help="JSONL training data")
@@ -322,7 +307,7 @@ def make_parser() -> argparse.ArgumentParser:
     for name, sp in (("build", b), ("plan", pl)):
         for old, new in RENAMED[name].items():
             sp.add_argument(old, dest=f"renamed_{new}", help=argparse.SUPPRESS)
-    for sp in (b, h, t, c, m, r):  # plan writes nothing
+    for sp in (b, t, c, m, r):  # plan writes nothing
         sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
