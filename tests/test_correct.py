@@ -1,7 +1,5 @@
 import json
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -223,48 +221,3 @@ def test_weighted_correction_from_projected_statistics_equals_the_gram_form():
     torch.testing.assert_close(small.lora_B, full.lora_B)
     torch.testing.assert_close(small.lora_A, full.lora_A)
 
-
-def test_snapshot_choice_scores_held_out_records_and_keeps_the_best_step(tiny_emulator, tiny_data, tmp_path):
-    """`train --snapshot-every` keeps steps; `correct --snapshots` scores each on the original with the
-    records the training held out, and corrects the best one (equal to correcting that snapshot alone)."""
-    from safetensors.torch import load_file
-
-    from emloc import TrainConfig, train_adapter
-    from emloc.checkpoint import snapshot_folders
-    from emloc.selection import score_candidates
-
-    ad = train_adapter(tiny_emulator, tiny_data, tmp_path / "ad",
-                       TrainConfig(steps=6, batch_size=4, micro_batch_size=2, lr=5e-2, rank=4, snapshot_every=2,
-                                   eval_every=0, device="cpu"))
-    am = json.loads((ad / "manifest.json").read_text())
-    assert am["snapshots"] == [2, 4] and sorted(snapshot_folders(ad)) == [2, 4]
-    assert am["held_out"]["split"] == {"seed": 1, "fraction": 0.1}
-    first = load_file(ad / "snapshots" / "step-000002" / "adapter_model.safetensors")
-    final = load_file(ad / "adapter_model.safetensors")
-    assert set(first) == set(final) and any(not torch.equal(first[k], final[k]) for k in final)
-
-    out = correct_adapter(ad, tmp_path / "chosen", config=CorrectConfig(mode="none", snapshots=True, device="cpu"))
-    snap = json.loads((out / "manifest.json").read_text())["snapshot"]
-    assert set(snap["scores"]) == {"step-2", "step-4", "step-6"} and snap["records"] == 4  # 10% of 40 records
-    assert snap["chosen"] == min(snap["scores"], key=snap["scores"].get)
-    chosen = load_file(out / "adapter_model.safetensors")
-    want = final if snap["chosen"] == "step-6" else load_file(
-        ad / "snapshots" / f"step-{int(snap['chosen'][5:]):06d}" / "adapter_model.safetensors")
-    assert set(chosen) == set(want) and all(torch.equal(chosen[k], want[k].float()) for k in want)
-    # the scores are the held-out loss of the original with each step: rescoring one gives the same number
-    from emloc.families import family_of
-    from emloc.models import load_config
-    from emloc.train import split_off
-
-    base = Path(am["base"])
-    objective = family_of(load_config(base)).objective_for(base, SimpleNamespace(max_length=512, loss_chunk=256))
-    held, _ = split_off(objective.load(tiny_data), 0.1, 1)
-    acfg = json.loads((ad / "adapter_config.json").read_text())
-    again = score_candidates({"step-2": first}, acfg, base, held, objective, "cpu", "auto")
-    assert again["step-2"] == pytest.approx(snap["scores"]["step-2"], rel=1e-6)
-
-
-def test_snapshot_choice_without_snapshots_is_a_one_line_error(tiny_adapter, tmp_path):
-    with pytest.raises(EmlocError, match="no snapshots"):
-        correct_adapter(tiny_adapter, tmp_path / "c", config=CorrectConfig(mode="none", snapshots=True, device="cpu"))
-    assert not (tmp_path / "c").exists()

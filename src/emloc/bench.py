@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .artifacts import Stopwatch, read_manifest, to_jsonable, versions, write_json
-from .bench_remedies import qlora_rows, refine_row, snapshot_rows
+from .bench_remedies import qlora_rows, refine_row
 from .bench_runner import _row, _Runner
 from .bench_report import _plot, _recovered, _same_tensors, format_report, machine, seed_spread
 from .errors import EmlocError
@@ -69,11 +69,7 @@ class BenchConfig:
             (weighted correction) trained further on the original for steps / 2 steps, only the LoRA
             of the last K blocks, with exact gradients; and the control, LoRA on the original's last
             K blocks alone from scratch for the same steps.
-        refine_methods: the emulator methods whose adapters get refinement rows (empty: all); also
-            those of the `snapshot_choice` rows.
-        snapshot_choice: add the checkpoint-choice rows (first seed, each ratio): a training run holding
-            out 10% of the training file with a snapshot every `steps` / 5 steps, corrected (weighted)
-            at the step `correct --snapshots` chooses, and at its last step (the control, same run).
+        refine_methods: the emulator methods whose adapters get refinement rows (empty: all).
         rtn_ratios: ratios at which the `quant` emulator is also built with round-to-nearest instead
             of GPTQ (an ablation: what GPTQ's error feedback is worth, against the correction's share).
         scorer: a module whose `python -m MODULE score --model M [--adapter A] --output F [--grid PNG]`
@@ -120,7 +116,6 @@ class BenchConfig:
     auto_correction: bool = True
     refine_blocks: int = 0
     refine_methods: tuple[str, ...] = ()
-    snapshot_choice: bool = False
     rtn_ratios: tuple[float, ...] = ()
     scorer: str | None = None
     extra_eval: str | None = None
@@ -132,7 +127,7 @@ class BenchConfig:
 
 PRESETS: dict[str, BenchConfig] = {
     "smoke": BenchConfig(steps=2, batch_size=4, samples=8, eval_samples=12, max_length=96, clamps=(None,),
-                         calibration_sizes=(4,), stats_dtype="float32", snapshot_choice=True),
+                         calibration_sizes=(4,), stats_dtype="float32"),
     "small": BenchConfig(ratios=(0.5, 0.75), steps=150, seeds=(0, 1, 2), clamps=(1.0, None), calibration_sizes=(8, 16, 256)),
     # the ablations run on `small`, except energy allocation (the lever that measured best there);
     # Qwen's frozen weights are bf16 (what a GPU uses; on a CPU with AVX512-BF16 it is 3-4x faster
@@ -151,7 +146,7 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), snapshot_choice=True, rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     # on two CPU cores a Qwen row costs ~3x a SmolLM2 row (NF4 and QLoRA more): the headline rows only
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16",
@@ -227,10 +222,6 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
             f"control: LoRA on the original's last {k} blocks only, {steps} steps", None, first, r.eval(
                 "refine-control", base, eval_f, r.train("refine-control", base, train_f, eval_f, first, "--last-blocks", k, "--steps", steps)),
             train=work / "refine-control")))
-    for method in cfg.refine_methods or cfg.methods:
-        for ratio in cfg.ratios:
-            if cfg.snapshot_choice and reachable(base, method, ratio):
-                jobs.append((f"snapshots-{method}-{ratio}", lambda m=method, q=ratio: snapshot_rows(r, m, q, first, base, train_f, eval_f)))
     if cfg.checkpointing:
         jobs.append((f"lora-original-checkpointing-s{first}", lambda: _row(
             "LoRA on the original, gradient checkpointing", None, first, r.eval(
@@ -399,7 +390,7 @@ def job_priority(name: str, cfg: BenchConfig) -> int:
         return 0
     if name.startswith(("zero-shot", "lora-original-s", "emloc-", "auto-", "qlora-")):
         return 0 if name.endswith(f"-s{first}") else 2
-    if name.startswith(("refine-", "snapshots-")):  # cheap, and the remedy for the transfer gap the first seed shows
+    if name.startswith("refine-"):  # cheap, and the remedy for the transfer gap the first seed shows
         return 1
     return 3 if name.startswith(tuple(BASELINES)) else 4
 

@@ -1,5 +1,5 @@
-"""Bench rows of the baselines and remedies beyond EMLoC's own: QLoRA, top-K refinement on the original
-and the training step chosen on the original (see `BenchConfig`)."""
+"""Bench rows of the baseline and remedy beyond EMLoC's own: QLoRA and top-K refinement on the original
+(see `BenchConfig`)."""
 
 from __future__ import annotations
 
@@ -35,17 +35,3 @@ def qlora_rows(r: Any, s: int, on_nf4: bool, base: str, train_f: str, eval_f: st
                          r.eval(f"qlora-nf4-s{s}", base, eval_f, ad, "--quantize", "nf4"), train=ad))
     return rows
 
-
-def snapshot_rows(r: Any, method: str, q: float, s: int, base: str, train_f: str, eval_f: str) -> list[dict[str, Any]]:
-    """Remedy: the training step chosen by the original's loss on records the training held out."""
-    tag, label, flags = _names(method)
-    emu = r.build(f"emulator-{tag}{q}", base, train_f, q, r.cfg.samples, *flags)
-    every = str(max(1, r.cfg.steps // 5))
-    ad = r.train(f"adapter-snap-{tag}{q}-s{s}", str(emu), train_f, None, s, "--snapshot-every", every, "--eval-fraction", "0.1")
-    chosen = r.correct(f"weighted-snap-{tag}{q}-s{s}", ad, None, "weighted", "--snapshots")
-    last = r.correct(f"weighted-snaplast-{tag}{q}-s{s}", ad, None, "weighted")
-    st = {"build": emu, "train": ad}
-    return [_row(f"remedy: {label} (weighted), training step chosen on the original (90% of the data)", q, s,
-                 r.eval(f"weighted-snap-{tag}{q}-s{s}", base, eval_f, chosen), correct=chosen, **st),
-            _row(f"control: {label} (weighted), last step of the same run (90% of the data)", q, s,
-                 r.eval(f"weighted-snaplast-{tag}{q}-s{s}", base, eval_f, last), correct=last, **st)]

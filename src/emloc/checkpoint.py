@@ -95,38 +95,3 @@ def load_checkpoint(folder: Path, key: str) -> dict[str, Any] | None:
                          "delete it to start over") from None
     return state
 
-
-SNAPSHOTS = "snapshots"
-
-
-def write_snapshots(folder: Path, model: Any, snapshots: dict[int, dict[str, torch.Tensor]]) -> None:
-    """Write each step's LoRA weights (`lora_state` output) as a PEFT adapter in `folder/snapshots/step-NNNNNN/`.
-
-    `folder` already holds the final adapter; its `adapter_config.json` is shared by every snapshot.
-    """
-    from peft import get_peft_model_state_dict
-
-    from .artifacts import save_finite
-
-    for step, state in sorted(snapshots.items()):
-        sub = folder / SNAPSHOTS / f"step-{step:06d}"
-        sub.mkdir(parents=True)
-        tensors = get_peft_model_state_dict(model, state_dict=state)
-        save_finite({k: v.contiguous() for k, v in tensors.items()}, sub / "adapter_model.safetensors")
-        shutil.copy2(folder / "adapter_config.json", sub / "adapter_config.json")
-
-
-def snapshot_folders(adapter: Path) -> dict[int, Path]:
-    """step -> snapshot adapter folder of a trained adapter (empty when it kept none)."""
-    root = adapter / SNAPSHOTS
-    if not root.is_dir():
-        return {}
-    return {int(p.name.split("-")[1]): p for p in sorted(root.glob("step-*")) if (p / "adapter_model.safetensors").is_file()}
-
-
-def held_out_spec(data: str | Path, eval_data: str | Path | None, cfg: Any) -> dict[str, Any]:
-    """How to find again the records a training run never trained on (see `train._split`)."""
-    if eval_data is not None:
-        return {"file": str(Path(eval_data).expanduser().resolve()), "split": None, "max_records": cfg.eval_samples}
-    return {"file": str(Path(data).expanduser().resolve()), "split": {"seed": cfg.seed + 1, "fraction": cfg.eval_fraction},
-            "max_records": cfg.eval_samples}

@@ -85,10 +85,7 @@ class CorrectConfig:
             own calibration file and draw, as recorded in its manifest).
         device: where modes `weighted` and `auto` run the original on the calibration records (auto:
             cuda if available).
-        select_records: records mode `auto` scores the candidates on (and `snapshots` the steps on).
-        snapshots: first choose the training step: the adapter's snapshots (`emloc train
-            --snapshot-every`) and its final weights, uncorrected on the original, scored by the
-            original's loss on the records the training held out; the best one is then corrected.
+        select_records: records mode `auto` scores the candidates on.
     """
 
     mode: str = "auto"
@@ -97,7 +94,6 @@ class CorrectConfig:
     calibration: str | None = None
     device: str = "auto"
     select_records: int = 32
-    snapshots: bool = False
 
     def __post_init__(self) -> None:
         """Settings fail here, before any file is read."""
@@ -449,11 +445,6 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
     def to_base(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # an adapter's tensors, as the original names them
         return t if method == "svd" else to_original(t, emanifest)
 
-    snapshot = None
-    if cfg.snapshots:  # the training step first, judged on the original by records no step trained on
-        from .selection import choose_snapshot
-
-        tensors, snapshot = choose_snapshot(adapter, amanifest, tensors, acfg, base_dir, to_base, cfg)
     selection: dict[str, float] | None = None
     chosen = cfg.mode
     if cfg.mode == "auto":
@@ -484,8 +475,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
             "kind": "corrected_adapter", "mode": chosen, "adapter": str(adapter), "adapter_fingerprint": fingerprint(adapter),
             "emulator": str(emu_dir.resolve()), "emulator_fingerprint": emanifest.get("fingerprint"),
             "base": str(base_dir), "base_fingerprint": emanifest["base_fingerprint"], "config": cfg,
-            "clamped_directions": clamped, "directions": directions, "selection": selection, "snapshot": snapshot,
-            "layers": report,
+            "clamped_directions": clamped, "directions": directions, "selection": selection, "layers": report,
             "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
         })
     if clamped:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, legacy_order, peak_memory_mb, read_manifest,
                         staged_output, versions, write_json)
-from .checkpoint import checkpoint_dir, config_key, fault_point, held_out_spec, load_checkpoint, save_checkpoint, write_snapshots
+from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
 from .data import Example, sample
 from .errors import EmlocError
 from .families import family_of
@@ -67,9 +67,6 @@ class TrainConfig:
         eval_samples: at most this many held-out records are used for eval loss.
         seed: seed of LoRA init and data order.
         save_every: write a checkpoint (adapter, optimizer, scheduler, step) every N steps (0: never).
-        snapshot_every: keep the LoRA weights every N steps as adapters in `snapshots/step-NNNNNN/` of
-            the output (0: never), for `emloc correct --snapshots` to choose the step whose adapter
-            serves the original best (snapshots taken before a `--resume` are not kept).
         resume: continue from the checkpoint next to the output folder, if there is one.
         device: auto, cpu, cuda (ignored under `accelerate launch`, which decides).
         dtype: dtype of the frozen weights (auto: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32.
@@ -104,7 +101,6 @@ class TrainConfig:
     eval_samples: int = 256
     seed: int = 0
     save_every: int = 0
-    snapshot_every: int = 0
     resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -129,8 +125,8 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.warmup <= 1 or not 0 <= self.dropout < 1:
             raise EmlocError(f"--lr must be positive, --warmup in [0, 1], --dropout in [0, 1) "
                              f"(got {self.lr}, {self.warmup}, {self.dropout})")
-        if self.eval_every < 0 or self.save_every < 0 or self.snapshot_every < 0:
-            raise EmlocError("--eval-every, --save-every and --snapshot-every must be 0 (off) or positive")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise EmlocError("--eval-every and --save-every must be 0 (off) or positive")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise EmlocError(f"unknown --schedule {self.schedule!r}; use cosine, linear or constant")
         if self.quantize not in QUANTIZE:
@@ -246,7 +242,7 @@ def split_off(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def _split(train_ex: list[Example], held: list[Example] | None, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     """Training and held-out records: `held` if given, else `eval_fraction` of the training file."""
-    if held is None:  # the seed is recorded in the manifest (`held_out_spec`): `correct --snapshots` finds them again
+    if held is None:
         held, train_ex = split_off(train_ex, cfg.eval_fraction, cfg.seed + 1)
     if not train_ex:
         raise EmlocError("no training records left after holding out --eval-fraction; lower it or pass --eval-data")
@@ -417,7 +413,6 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     if start:
         log.info("resuming from step %d of %d (%s)", start, steps, ckpt)
     loop_start = time.perf_counter()
-    snapshots: dict[int, dict[str, torch.Tensor]] = {}
     for step in tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps):
         step_start = time.perf_counter()
         span = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
@@ -432,8 +427,6 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
         log_rows.append(row)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
             loop.save(ckpt, key, step + 1, log_rows)
-        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and not last:
-            snapshots[step + 1] = lora_state(raw)  # a collective under FSDP, like the final state
         fault_point("train_step", step + 1)
 
     state = lora_state(raw)  # a collective under FSDP: every process gathers, the main one writes
@@ -441,7 +434,6 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     if main:
         with staged_output(out_path, overwrite, inputs) as tmp:
             raw.save_pretrained(tmp, state_dict=state)
-            write_snapshots(tmp, raw, snapshots)
             (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             _plot_losses(log_rows, tmp / "loss.png", objective.label)
             write_json(tmp / MANIFEST, {
@@ -454,7 +446,6 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 "data": str(Path(data).expanduser().resolve()),
                 "eval_data": str(Path(eval_data).expanduser().resolve()) if eval_data else None,
                 "train_records": len(train_ex), "eval_records": len(held),
-                "held_out": held_out_spec(data, eval_data, cfg), "snapshots": sorted(snapshots),
                 "steps": steps, "trainable_params": n_trainable,
                 "model_params": sum(p.numel() for p in raw.parameters()) - n_trainable,  # DTensors count their full size
                 "final_loss": log_rows[-1]["loss"], "final_eval_loss": log_rows[-1].get("eval_loss"),
