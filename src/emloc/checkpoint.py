@@ -94,4 +94,3 @@ def load_checkpoint(folder: Path, key: str) -> dict[str, Any] | None:
         raise EmlocError(f"the checkpoint in {folder} is unreadable ({str(exc).splitlines()[0][:120]}); "
                          "delete it to start over") from None
     return state
-

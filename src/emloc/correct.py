@@ -440,11 +440,6 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
         raise EmlocError(f"{adapter} holds no LoRA weights")
     skeleton = empty_model(load_config(base_dir))  # meta device: names only, no memory
     stores = (WeightStore(base_dir).align(skeleton), WeightStore(emu_dir))
-    from .baselines import to_original
-
-    def to_base(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # an adapter's tensors, as the original names them
-        return t if method == "svd" else to_original(t, emanifest)
-
     selection: dict[str, float] | None = None
     chosen = cfg.mode
     if cfg.mode == "auto":
@@ -458,7 +453,10 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
                  ", ".join(f"{k} {v:.4f}" for k, v in selection.items()))
     else:
         new, report = _correct_tensors(cfg.mode, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
-    new = to_base(new)
+    if method != "svd":
+        from .baselines import to_original
+
+        new = to_original(new, emanifest)
     with staged_output(out_path, overwrite, inputs) as tmp:
         save_finite({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS)
         fault_point("correct_write", 1)

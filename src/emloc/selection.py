@@ -97,4 +97,3 @@ def score_candidates(candidates: dict[str, dict[str, torch.Tensor]], acfg: dict[
                 total, count = total + float(s), count + objective.count(items)
             scores[name] = total / max(count, 1)
     return scores
-

@@ -237,7 +237,7 @@ class StreamedModel:
                     if len(store) != n + 1:
                         raise EmlocError("the model never reached its first block; emloc cannot calibrate this architecture")
                     if self.glue is not None:
-                        store[-1] = self.glue.start(store[-1], batch, self.blocks[0])
+                        store[-1] = self.glue.start(store[-1], batch)
         finally:
             handle.remove()
         return store

@@ -30,7 +30,7 @@ def _takes_skips(block: nn.Module) -> bool:
 class UNetGlue:
     """`start` after the capture of down block 0's inputs; `carry` from each block to the next."""
 
-    def start(self, batch: _Batch, model_inputs: dict[str, Any], first: nn.Module) -> _Batch:
+    def start(self, batch: _Batch, model_inputs: dict[str, Any]) -> _Batch:
         kw = batch.kwargs
         text = kw.get("encoder_hidden_states", model_inputs.get("encoder_hidden_states"))
         state = {"temb": kw.get("temb"), "text": text, "skips": (batch.hidden,),
