@@ -107,7 +107,8 @@ def _ratio_for_budget(ns: argparse.Namespace) -> float:
     dtype = "bf16" if ns.dtype == "auto" and device == "cuda" else ("fp32" if ns.dtype == "auto" else ns.dtype)
     cfg = PlanConfig(batch=ns.plan_batch, seq_len=ns.plan_seq_len, dtype=dtype, device=device, budget=parse_size(ns.budget),
                      stats_dtype=ns.stats_dtype, calibration_samples=ns.samples, calibration_len=ns.max_length,
-                     method=ns.method if ns.method in ("auto", "svd", "quant", "svd+quant") else "svd")
+                     method=ns.method if ns.method in ("auto", "svd", "quant", "svd+quant") else "svd",
+                     vocab_format=ns.vocab_format)
     rec = predict(resolve_model(ns.base), cfg).recommend()
     if rec.ratio is None:
         raise EmlocError(rec.message + " Lower --plan-batch/--plan-seq-len, use --stats-dtype float32, or raise --budget")

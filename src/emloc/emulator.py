@@ -37,6 +37,7 @@ from .ratios import (AUTO_QUANT_FROM, QUANT_METHODS, SKIP, _plan_layers, _plan_s
                      parse_ratio_table, resolve_method)
 from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, pack, quantize_gptq, quantize_rtn, weighted_error
 from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
+from .vocab import VOCAB_FORMATS, install_vocab, quantize_vocab, vocab_modules
 
 log = logging.getLogger("emloc")
 
@@ -80,6 +81,10 @@ class EmulatorConfig:
             (each block keeps the same parameter count as uniform, but its layers' ranks are chosen
             from their whitened spectra to minimise the block's summed relative output error; see
             `emloc.lowrank.allocate_ranks`).
+        vocab_format: the token embedding and output head (vocabulary x hidden each, up to a quarter
+            of a small model's weights): `keep` them as they are, or store them quantised (`int8`,
+            `nf4`, rounded to nearest; see `emloc.vocab`). They carry no LoRA, so the correction is
+            unchanged; training sees logits through the quantised head.
     """
 
     ratio: float | list[tuple[str, float | None]] = 0.5
@@ -100,6 +105,7 @@ class EmulatorConfig:
     allocation: str = "uniform"
     quant_format: str = "auto"
     rounding: str = "gptq"
+    vocab_format: str = "keep"
 
     def __post_init__(self) -> None:
         """Settings fail here, before any file is read."""
@@ -112,7 +118,8 @@ class EmulatorConfig:
             raise EmlocError(f"--eig-floor must be positive (got {self.eig_floor}); a zero floor divides by the zero "
                              "eigenvalues of rank-deficient statistics")
         choices = {"method": (self.method, METHODS), "rounding": (self.rounding, ROUNDINGS),
-                   "allocation": (self.allocation, ALLOCATIONS), "quant-format": (self.quant_format, ("auto", *FORMATS))}
+                   "allocation": (self.allocation, ALLOCATIONS), "quant-format": (self.quant_format, ("auto", *FORMATS)),
+                   "vocab-format": (self.vocab_format, VOCAB_FORMATS)}
         for flag, (value, allowed) in choices.items():
             if value not in allowed:
                 raise EmlocError(f"unknown --{flag} {value!r}; use one of {', '.join(allowed)}")
@@ -325,6 +332,9 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     if cfg.method not in ("svd", *QUANT_METHODS):
         from .baselines import build_baseline
 
+        if cfg.vocab_format != "keep":
+            raise EmlocError(f"--vocab-format applies to the svd and quant methods, not {cfg.method}")
+
         if not Path(calibration).expanduser().is_file():
             raise EmlocError(f"calibration data {calibration} not found; give a JSONL file")
         return build_baseline(cfg.method, base_dir, Path(calibration).expanduser().resolve(), out_path, cfg, overwrite)
@@ -345,6 +355,8 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     # the vision tower is compressed only where a ratio table's rule names its layers
     vision = None if isinstance(cfg.ratio, (int, float)) else family_of(model.config).vision_blocks(model)
     plan, vision_plan = _plan_layers(stream, rules, targets, cfg, vision)
+    if cfg.vocab_format != "keep":
+        vocab_modules(model)  # a model without a token embedding and a linear head fails before anything is written
     vision_prefix = vision[0] + "." if vision_plan else None
     width = max((p["in_features"] for p in plan.values() if p["rank"] is not None), default=0)
     if n_tokens < width:
@@ -374,6 +386,11 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
         rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
                 if not stream.inside(name) and not (vision_prefix and name.startswith(vision_prefix))}
+        vocab = None
+        if cfg.vocab_format != "keep":
+            codes, vocab = quantize_vocab(model, cfg.vocab_format)
+            rest = {k: v for k, v in rest.items() if k not in (f"{vocab['embedding']}.weight", f"{vocab['head']}.weight")}
+            rest.update(codes)
         save_finite(rest, tmp / rest_file)
         weight_map.update({k: rest_file for k in rest})
         write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
@@ -400,6 +417,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             # the block linears' bytes with float tensors counted in bfloat16 (what `ratio` means)
             "bytes": {"block_linears_bf16": dense_bytes, "emulator_block_linears": kept_bytes,
                       "fraction": kept_bytes / max(dense_bytes, 1)},
+            **({"vocab": vocab} if vocab else {}),
             "layers": layers,
             "versions": versions(),
             "wall_seconds": round(watch.seconds, 1),
@@ -454,15 +472,17 @@ def load_emulator(path: str | Path, device: str = "auto", dtype: str = "auto") -
     config = load_config(folder)
     model = empty_model(config)
     store = WeightStore(folder)
+    if manifest.get("vocab"):  # before the parameters are read: the dense embedding and head are not stored
+        install_vocab(model, manifest["vocab"], store, dev, dt)
     for name, layer in manifest["layers"].items():
         if layer["rank"] is not None:
             _set_module(model, name, emulator_layer(layer, model.get_submodule(name).bias is not None, "meta", None))
     materialize(model, "", store, dev, dt)
-    for name, mod in model.named_modules():  # codes and scales are buffers, loaded as stored
-        if isinstance(mod, QuantLinear):
+    for name, mod in model.named_modules():  # codes and scales are buffers, loaded as stored (the vocabulary's: above)
+        if isinstance(mod, QuantLinear) and name in manifest["layers"]:
             for key in ("qweight", "scales"):
                 mod._buffers[key] = store.get(f"{name}.{key}").to(dev)
-    if hasattr(model, "tie_weights"):
+    if hasattr(model, "tie_weights") and not manifest.get("vocab"):  # a quantised tied head already shares the codes
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:

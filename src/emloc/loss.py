@@ -43,9 +43,16 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight, bias).float()
-    return F.cross_entropy(logits, y, reduction="sum")
+def head_logits(h: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of hidden states h (N x d): a dense head's weight, or a head module stored otherwise (an
+    emulator's quantised head: its class's own map, since the instance's forward is the loss here)."""
+    if isinstance(weight, nn.Module):
+        return type(weight).forward(weight, h)
+    return F.linear(h, weight, bias)
+
+
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head_logits(h, weight, bias).float(), y, reduction="sum")
 
 
 @contextlib.contextmanager
@@ -54,7 +61,8 @@ def head_returns(head: nn.Linear, keep: torch.Tensor, loss_fn: Callable[..., tor
     """Make the head return the summed loss of the kept positions (a 0-d tensor) instead of logits.
 
     `loss_fn(h, weight, bias, *targets)` sums the loss of a chunk of positions (h: chunk x d; each
-    target: the chunk's rows of `targets`, one row per kept position). It runs per chunk of `chunk`
+    target: the chunk's rows of `targets`, one row per kept position); `weight` is the head's dense
+    weight, or the head itself when it holds none (a quantised head; see `head_logits`). It runs per chunk of `chunk`
     positions under activation checkpointing, so at most chunk x vocabulary logits exist at a time.
     The loss is computed inside the head's own call, i.e. inside the model's forward: under FSDP and
     ZeRO-3 that is where the head's weight is gathered (and its module hooks gather it again for the
@@ -64,8 +72,9 @@ def head_returns(head: nn.Linear, keep: torch.Tensor, loss_fn: Callable[..., tor
         h = x[:, :-1][keep]
         total = (x.sum() * 0).float()  # keeps the graph connected when no position carries loss
         grad = torch.is_grad_enabled()
+        weight = head.weight if isinstance(head.weight, nn.Parameter) else head
         for i in range(0, len(h), chunk):
-            args = (h[i:i + chunk], head.weight, head.bias, *(t[i:i + chunk] for t in targets))
+            args = (h[i:i + chunk], weight, head.bias, *(t[i:i + chunk] for t in targets))
             total = total + (checkpoint(loss_fn, *args, use_reentrant=False) if grad else loss_fn(*args))
         return total
 

@@ -60,6 +60,8 @@ class PlanConfig:
         vocab_used: distinct token ids in the data (None: assume every row of the vocabulary is read,
             the safe default). Only used on cpu for an untied input embedding stored in the compute
             dtype; see `unread_embedding_bytes`.
+        vocab_format: `emloc build --vocab-format`: keep (the default), int8 or nf4 for the emulator's
+            token embedding and output head.
     """
 
     batch: int = 1
@@ -78,6 +80,7 @@ class PlanConfig:
     correction: str = "auto"
     vocab_used: int | None = None
     method: str = "auto"
+    vocab_format: str = "keep"
 
 
 @dataclass
@@ -221,6 +224,10 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
         raise EmlocError(f"ratios {cfg.ratios!r} must be fractions in (0, 1]")
     if cfg.method not in ("auto", "svd", "quant", "svd+quant"):
         raise EmlocError(f"unknown method {cfg.method!r}; emloc plan knows auto, svd, quant and svd+quant")
+    from .vocab import VOCAB_FORMATS
+
+    if cfg.vocab_format not in VOCAB_FORMATS:
+        raise EmlocError(f"unknown --vocab-format {cfg.vocab_format!r}; use one of {', '.join(VOCAB_FORMATS)}")
     if cfg.method in ("quant", "svd+quant"):  # below its smallest format a quantised emulator does not exist
         from .emulator import layer_plan
 
@@ -240,15 +247,18 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
     lora_training = _training(shape, cfg, shape.total_params, lora, overhead, "train", original_stored)
     # an emulator's weights are written in the compute dtype of its build, assumed to be cfg.dtype
     from .emulator import resolve_method
+    from .quant import ROW_BLOCK_ENTRIES
 
     largest = max(m * n for _, m, n in shape.linears) * _dtype_bytes(cfg.dtype)
     training = {}
     for r in ratios:
         quantised = r < 1 and resolve_method(cfg.method, [r]) != "svd"
+        vocab = cfg.vocab_format != "keep" and r < 1
+        weights = emulator_weight_bytes(shape, r, cfg.method, _dtype_bytes(cfg.dtype)) - vocab_saving(shape, cfg) if r < 1 else None
+        rebuilt = max(largest if quantised else 0, min(shape.vocab * shape.hidden, ROW_BLOCK_ENTRIES) * _dtype_bytes(cfg.dtype) if vocab else 0)
+        # a quantised embedding is codes, never the compute dtype: no rows are subtracted as unread
         training[r] = _training(shape, cfg, shape.total_params if quantised else emulator_params(shape, r), lora, overhead,
-                                "train", r < 1 or original_stored,
-                                emulator_weight_bytes(shape, r, cfg.method, _dtype_bytes(cfg.dtype)) if r < 1 else None,
-                                largest if quantised else 0)
+                                "train", (r < 1 or original_stored) and not vocab, weights, rebuilt)
     correct, merge = _correct(shape, cfg, lora, min(ratios)), _merge(shape, cfg, lora)
     return Plan(config=cfg, shape=shape, overhead=overhead, lora_params=lora, inference=_inference(shape, cfg, overhead),
                 lora_training=lora_training, training=training,
@@ -256,11 +266,22 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
                 correct=correct, merge=merge)
 
 
+def vocab_saving(shape: ModelShape, cfg: PlanConfig) -> int:
+    """Bytes an emulator saves with a quantised embedding and head (`cfg.vocab_format`), against them in cfg.dtype."""
+    from .vocab import vocab_entry_bytes
+
+    if cfg.vocab_format == "keep":
+        return 0
+    dense_bf16, stored = vocab_entry_bytes(shape.embedding_rows or shape.vocab, shape.hidden, cfg.vocab_format, shape.tied)
+    return dense_bf16 // 2 * _dtype_bytes(cfg.dtype) - stored
+
+
 def format_plan(plan: Plan) -> str:
     """A markdown report: the original's inference and LoRA training, a table by ratio, the recommendation."""
     c = plan.config
     where = "GPU" if c.device == "cuda" else "CPU"
-    lines = [f"Memory plan: {c.method} emulator, batch {c.batch} x {c.seq_len} tokens, {c.dtype}, LoRA r={c.rank}, "
+    vocab = "" if c.vocab_format == "keep" else f" with {c.vocab_format} embedding and head"
+    lines = [f"Memory plan: {c.method} emulator{vocab}, batch {c.batch} x {c.seq_len} tokens, {c.dtype}, LoRA r={c.rank}, "
              f"{'with' if c.gradient_checkpointing else 'no'} gradient checkpointing, {where} "
              f"(1 GB = 2^30 bytes; runtime overhead {gb(plan.overhead)} included)", "",
              f"- inference of the original: {gb(plan.inference.total)}",

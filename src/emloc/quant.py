@@ -38,6 +38,9 @@ ROUNDINGS = ("gptq", "rtn")
 GPTQ_DAMP = 0.01  # added to the Gram's diagonal, as a fraction of its mean, before GPTQ's Cholesky
 SCALE_BYTES = 2  # float16 scales
 BASE_BYTES = 2  # byte fractions are counted against the block weights in bfloat16
+# a layer larger than this (entries) is rebuilt a block of output rows at a time: an output head of a
+# 150k vocabulary would otherwise make a vocabulary x hidden float copy in every call
+ROW_BLOCK_ENTRIES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,14 @@ class QuantLinear(nn.Linear):
     def reset_parameters(self) -> None:  # nn.Linear API; the layer is always loaded, never initialised
         pass
 
-    def quantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """Q (m x n) in `dtype`."""
-        return dequantize(self.qweight, self.scales, self.fmt, self.in_features, dtype)
+    def quantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Q (m x n, or the given rows of it) in `dtype`."""
+        return dequantize(self.qweight[rows], self.scales[rows], self.fmt, self.in_features, dtype)
+
+    def row_blocks(self) -> list[slice]:
+        """Slices of output rows rebuilt at a time (one slice for every layer up to ROW_BLOCK_ENTRIES)."""
+        step = max(1, ROW_BLOCK_ENTRIES // self.in_features)
+        return [slice(i, i + step) for i in range(0, self.out_features, step)]
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_e = Q + up @ down (m x n)."""
@@ -266,14 +274,18 @@ class QuantLinear(nn.Linear):
 
     def linear_map(self, x: torch.Tensor) -> torch.Tensor:
         """W_e x without the bias, in x's dtype (x: ... x n)."""
-        y = F.linear(x, self.quantized(x.dtype))
+        blocks = self.row_blocks()
+        if len(blocks) == 1:
+            y = F.linear(x, self.quantized(x.dtype))
+        else:
+            y = torch.cat([F.linear(x, self.quantized(x.dtype, rows)) for rows in blocks], dim=-1)
         if self.rank:
             y = y + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
         return y
 
     def transposed_map(self, g: torch.Tensor) -> torch.Tensor:
         """W_e^T g (g: ... x m)."""
-        y = g @ self.quantized(g.dtype)
+        y = sum(g[..., rows] @ self.quantized(g.dtype, rows) for rows in self.row_blocks())
         if self.rank:
             y = y + (g @ self.up.to(g.dtype)) @ self.down.to(g.dtype)
         return y

@@ -1,0 +1,129 @@
+"""Quantised embedding and output head in an emulator (`--vocab-format`), on tiny models."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emloc import CorrectConfig, EmlocError, EmulatorConfig, TrainConfig, build_emulator, correct_adapter, load_emulator, train_adapter
+from emloc import quant
+from emloc.data import collate, load_examples
+from emloc.loss import answer_nll
+from emloc.models import WeightStore, load_tokenizer
+from emloc.quant import FORMATS, QuantLinear, dequantize, pack, quantize_rtn
+from emloc.vocab import QuantEmbedding
+
+from .conftest import make_model_dir
+
+
+def _rtn(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    f = FORMATS[fmt]
+    codes, scales = quantize_rtn(w.float(), f)
+    return dequantize(pack(codes, f), scales, f, w.shape[1], torch.float32)
+
+
+@pytest.fixture(scope="module")
+def untied_base(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("untied") / "base", "qwen2")
+
+
+@pytest.mark.parametrize("family,fmt", [("qwen2", "nf4"), ("qwen2", "int8"), ("llama", "nf4")])
+def test_vocab_quantised_emulator_is_the_keep_emulator_with_rounded_vocab(tmp_path, tiny_data, family, fmt):
+    base = make_model_dir(tmp_path / "base", family)  # llama: tied embedding; qwen2: untied
+    kw = dict(ratio=0.5, method="quant", samples=16, device="cpu")
+    keep = build_emulator(base, tiny_data, tmp_path / "keep", EmulatorConfig(**kw))
+    emu = build_emulator(base, tiny_data, tmp_path / "vocab", EmulatorConfig(**kw, vocab_format=fmt))
+    m = json.loads((emu / "manifest.json").read_text())
+    v = m["vocab"]
+    tied = family == "llama"
+    assert v["tied"] is tied and v["format"] == fmt and v["fraction"] < (0.29 if fmt == "nf4" else 0.54)  # d = 32: one float16 scale per 32
+    stored = {}
+    for f in emu.glob("*.safetensors"):
+        stored.update(load_file(f))
+    assert f"{v['embedding']}.weight" not in stored and f"{v['head']}.weight" not in stored
+    assert (f"{v['head']}.qweight" in stored) is not tied  # a tied head's codes are the embedding's, stored once
+    # the block layers are the same as without --vocab-format (same calibration, same rounding)
+    ref = load_emulator(keep, device="cpu")
+    got = load_emulator(emu, device="cpu")
+    assert isinstance(got.get_input_embeddings(), QuantEmbedding) and isinstance(got.get_output_embeddings(), QuantLinear)
+    if tied:
+        assert got.get_output_embeddings().qweight is got.get_input_embeddings().qweight
+    with torch.no_grad():
+        ref.get_input_embeddings().weight.copy_(_rtn(ref.get_input_embeddings().weight, fmt))
+        if not tied:
+            ref.get_output_embeddings().weight.copy_(_rtn(ref.get_output_embeddings().weight, fmt))
+        ids = torch.randint(0, ref.config.vocab_size, (2, 9))
+        torch.testing.assert_close(got(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_row_blocked_head_equals_one_block(monkeypatch):
+    torch.manual_seed(0)
+    layer = QuantLinear(16, 50, "nf4", bias=True)
+    codes, scales = quantize_rtn(torch.randn(50, 16), FORMATS["nf4"])
+    layer.qweight.copy_(pack(codes, FORMATS["nf4"]))
+    layer.scales.copy_(scales)
+    torch.nn.init.normal_(layer.bias)
+    x, g = torch.randn(3, 4, 16), torch.randn(3, 4, 50)
+    whole = layer.linear_map(x), layer.transposed_map(g)
+    monkeypatch.setattr(quant, "ROW_BLOCK_ENTRIES", 16 * 7)  # blocks of 7 rows, the last one short
+    assert len(layer.row_blocks()) == 8
+    torch.testing.assert_close(layer.linear_map(x), whole[0])
+    torch.testing.assert_close(layer.transposed_map(g), whole[1])
+
+
+def test_chunked_loss_through_a_quantised_head_equals_full_logits(untied_base, tiny_data, tmp_path, monkeypatch):
+    emu = build_emulator(untied_base, tiny_data, tmp_path / "emu",
+                         EmulatorConfig(ratio=0.5, method="quant", samples=16, device="cpu", vocab_format="nf4"))
+    model = load_emulator(emu, device="cpu")
+    monkeypatch.setattr(quant, "ROW_BLOCK_ENTRIES", 32 * 5)  # the head in blocks of 5 rows
+    tok = load_tokenizer(emu)
+    batch = collate(load_examples(tiny_data, tok, 64)[:4], tok.pad_token_id)
+    h = model.get_input_embeddings()
+    h.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))  # as PEFT's input hook does for checkpointing
+    total, n = answer_nll(model, batch, chunk=3)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    y = batch["labels"][:, 1:]
+    keep = y != -100
+    want = torch.nn.functional.cross_entropy(logits[keep].float(), y[keep], reduction="sum")
+    assert n == int(keep.sum()) and n > 3
+    torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-5)
+
+
+def test_vocab_quantised_emulator_trains_corrects_and_reports_bytes(untied_base, tiny_data, tmp_path):
+    emu = build_emulator(untied_base, tiny_data, tmp_path / "emu",
+                         EmulatorConfig(ratio=0.3, method="quant", samples=16, device="cpu", vocab_format="nf4"))
+    ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=2, batch_size=4, rank=2, lr=1e-2, device="cpu",
+                                                                      eval_samples=4))
+    m = json.loads((ad / "manifest.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (ad / "loss_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(x)) for x in losses + [m["final_loss"]])
+    fixed = correct_adapter(ad, tmp_path / "fixed", config=CorrectConfig(mode="weighted", device="cpu"))
+    keys = load_file(fixed / "adapter_model.safetensors")
+    assert keys and all("embed" not in k and "lm_head" not in k for k in keys)  # only block layers carry LoRA
+    assert WeightStore(untied_base).get("lm_head.weight").shape[0] > 0  # the base is untouched
+
+
+def test_vocab_format_refusals(untied_base, tiny_data, tmp_path):
+    with pytest.raises(EmlocError, match="vocab-format"):
+        EmulatorConfig(vocab_format="int3")
+    with pytest.raises(EmlocError, match="vocab-format applies"):
+        build_emulator(untied_base, tiny_data, tmp_path / "out", EmulatorConfig(method="layer-drop", vocab_format="nf4"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_plan_counts_the_bytes_the_build_stores(tmp_path, tiny_data, family):
+    """`emloc plan --vocab-format nf4` lowers the emulator's weights by exactly what the build's manifest saves."""
+    from emloc.plan import PlanConfig, predict
+
+    base = make_model_dir(tmp_path / "base", family)
+    emu = build_emulator(base, tiny_data, tmp_path / "emu",
+                         EmulatorConfig(ratio=0.5, method="quant", samples=8, device="cpu", vocab_format="nf4"))
+    v = json.loads((emu / "manifest.json").read_text())["vocab"]
+    kw = dict(device="cuda", dtype="bf16", method="quant", ratios=(1.0, 0.5))
+    keep, nf4 = (predict(base, PlanConfig(**kw, vocab_format=f)) for f in ("keep", "nf4"))
+    assert keep.training[0.5].parts["weights"] - nf4.training[0.5].parts["weights"] == v["bytes_bf16"] - v["bytes"] > 0
+    assert keep.training[1.0].parts == nf4.training[1.0].parts  # the original is not an emulator
+    with pytest.raises(EmlocError, match="vocab-format"):
+        predict(base, PlanConfig(vocab_format="fp8"))
