@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["svd"], help="emulator methods (svd, quant, svd+quant); "
                     "correct and merge run for svd only")
     ap.add_argument("--qlora", action="store_true", help="add LoRA training on an NF4 copy of the original (bitsandbytes)")
+    ap.add_argument("--vocab-format", default="keep", help="the emulators' embedding and head: keep, int8 or nf4 "
+                    "(emloc build --vocab-format)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
@@ -140,7 +142,8 @@ def main() -> None:
             if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
                 add("EMLoC build" + tag, r, emloc + ["build", "--base", str(base), "--calibration", str(data), "--output", str(emu), "--method",
                                                      method, "--ratio", str(r), "--samples", str(args.samples), "--max-length",
-                                                     str(args.seq_len + 8), "--overwrite", "--stats-dtype", args.stats_dtype, *dev])
+                                                     str(args.seq_len + 8), "--overwrite", "--stats-dtype", args.stats_dtype,
+                                                     "--vocab-format", args.vocab_format, *dev])
             add("EMLoC train (emulator)" + tag, r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])
             if method == "svd":
                 add("EMLoC correct", r, emloc + ["correct", "--adapter", str(ad), "--output", str(cor), "--overwrite"])
@@ -150,7 +153,7 @@ def main() -> None:
         row["vs_inference"] = round(row["peak_rss_mb"] / infer, 3) if infer else None
     report = {"base": str(base), "batch": args.batch, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
               "micro_batch_size": int(micro), "device": args.device, "dtype": args.dtype, "samples": args.samples,
-              "stats_dtype": args.stats_dtype, "vocab_used": vocab_used,
+              "stats_dtype": args.stats_dtype, "vocab_used": vocab_used, "vocab_format": args.vocab_format,
               "infer_vocab_used": infer_vocab_used, "command": " ".join(sys.argv), "rows": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [f"`{report['command']}`", "", f"{Path(str(base)).name}, batch {args.batch} x {args.seq_len} tokens, "
@@ -197,7 +200,8 @@ def compare(report: dict, folder: Path | None = None) -> str:
     cfg = PlanConfig(method="svd", batch=report["batch"], seq_len=report["seq_len"], rank=8, dtype=dtype, device=report["device"],
                      ratios=(1.0, *ratios), gradient_checkpointing=report["gradient_checkpointing"],
                      calibration_samples=report.get("samples", 64), calibration_len=report["seq_len"],
-                     stats_dtype=report.get("stats_dtype", "float64"), vocab_used=report.get("vocab_used"))
+                     stats_dtype=report.get("stats_dtype", "float64"), vocab_used=report.get("vocab_used"),
+                     vocab_format=report.get("vocab_format", "keep"))
     plan = predict(report["base"], cfg)
     if report.get("infer_vocab_used"):  # the inference rows read the first batch records only
         plan.inference = predict(plan.shape, replace(cfg, vocab_used=report["infer_vocab_used"])).inference

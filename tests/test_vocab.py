@@ -127,3 +127,17 @@ def test_plan_counts_the_bytes_the_build_stores(tmp_path, tiny_data, family):
     assert keep.training[1.0].parts == nf4.training[1.0].parts  # the original is not an emulator
     with pytest.raises(EmlocError, match="vocab-format"):
         predict(base, PlanConfig(vocab_format="fp8"))
+
+
+def test_bench_builds_pass_the_vocab_format_to_emloc_emulators_only(tmp_path):
+    from emloc.bench import PRESETS
+    from emloc.bench_runner import _Runner
+
+    calls = []
+    r = _Runner(tmp_path, PRESETS["bigger-in-budget"])
+    r.cli = lambda *args: calls.append(args)  # type: ignore[method-assign]
+    r.build("quant", "base", "data", 0.25, 8, "--method", "quant")
+    r.build("svd", "base", "data", 0.25, 8)
+    r.build("drop", "base", "data", 0.25, 8, "--method", "layer-drop")
+    assert [("--vocab-format" in c) for c in calls] == [True, True, False]
+    assert all(c[c.index("--vocab-format") + 1] == "nf4" for c in calls[:2])

@@ -38,6 +38,8 @@ class _Runner:
         out = self.work / name
         if "--method" not in extra:  # the paper's SVD unless a row asks for another method
             extra = ("--method", "svd", *extra)
+        if self.cfg.vocab_format != "keep" and extra[extra.index("--method") + 1] in ("svd", "quant", "svd+quant"):
+            extra = (*extra, "--vocab-format", self.cfg.vocab_format)
         if read_manifest(out) is None:
             self.cli("build", "--base", base, "--calibration", data, "--output", str(out), "--ratio", str(ratio), "--samples",
                      str(samples), "--max-length", str(self.cfg.max_length), "--stats-dtype", self.cfg.stats_dtype, "--overwrite",
