@@ -141,3 +141,14 @@ def test_bench_builds_pass_the_vocab_format_to_emloc_emulators_only(tmp_path):
     r.build("drop", "base", "data", 0.25, 8, "--method", "layer-drop")
     assert [("--vocab-format" in c) for c in calls] == [True, True, False]
     assert all(c[c.index("--vocab-format") + 1] == "nf4" for c in calls[:2])
+
+
+def test_eval_with_generation_on_a_vocab_quantised_emulator(untied_base, tiny_data, tmp_path):
+    """Exact match generates through the quantised embedding and head (with the adapter on top)."""
+    from emloc import EvalConfig, evaluate
+
+    emu = build_emulator(untied_base, tiny_data, tmp_path / "emu",
+                         EmulatorConfig(ratio=0.5, method="quant", samples=8, device="cpu", vocab_format="int8"))
+    ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=1, batch_size=4, rank=2, device="cpu", eval_samples=4))
+    got = evaluate(emu, tiny_data, ad, tmp_path / "eval.json", EvalConfig(samples=6, device="cpu"))
+    assert 0.0 <= got["exact_match"] <= 1.0 and torch.isfinite(torch.tensor(got["loss"]))
