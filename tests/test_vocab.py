@@ -98,6 +98,8 @@ def test_vocab_quantised_emulator_trains_corrects_and_reports_bytes(untied_base,
     m = json.loads((ad / "manifest.json").read_text())
     losses = [json.loads(line)["loss"] for line in (ad / "loss_log.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(x)) for x in losses + [m["final_loss"]])
+    dense = sum(t.numel() * 4 for t in load_file(untied_base / "model.safetensors").values())  # fp32, as trained here
+    assert 0 < m["model_bytes"] < 0.2 * dense  # NF4 codes (blocks, embedding, head) counted as held, not as parameters
     fixed = correct_adapter(ad, tmp_path / "fixed", config=CorrectConfig(mode="weighted", device="cpu"))
     keys = load_file(fixed / "adapter_model.safetensors")
     assert keys and all("embed" not in k and "lm_head" not in k for k in keys)  # only block layers carry LoRA

@@ -108,6 +108,7 @@ def _row(method: str, ratio: float | None, seed: int, ev: dict[str, Any], **stag
             row[f"{stage}_peak_cuda_mb"] = m["peak_cuda_allocated_mb"]
         if stage == "train":
             row.update(trainable_params=m.get("trainable_params"), trained_model_params=m.get("model_params"),
+                       trained_model_bytes=m.get("model_bytes"),
                        seconds_per_step=m.get("seconds_per_step"))
         if stage == "correct":
             row.update(clamped=m.get("clamped_directions"), directions=m.get("directions"))

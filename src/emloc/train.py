@@ -448,6 +448,9 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
                 "train_records": len(train_ex), "eval_records": len(held),
                 "steps": steps, "trainable_params": n_trainable,
                 "model_params": sum(p.numel() for p in raw.parameters()) - n_trainable,  # DTensors count their full size
+                # frozen weights as held: parameters and buffers (a quantised emulator's codes are buffers)
+                "model_bytes": sum(t.numel() * t.element_size() for t in (*raw.parameters(), *raw.buffers())
+                                   if not t.requires_grad),
                 "final_loss": log_rows[-1]["loss"], "final_eval_loss": log_rows[-1].get("eval_loss"),
                 "processes": world, "sharded": sharded,
                 "seconds_per_step": round((time.perf_counter() - loop_start) / max(1, steps - start), 3),
