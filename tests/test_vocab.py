@@ -154,3 +154,12 @@ def test_eval_with_generation_on_a_vocab_quantised_emulator(untied_base, tiny_da
     ad = train_adapter(emu, tiny_data, tmp_path / "ad", TrainConfig(steps=1, batch_size=4, rank=2, device="cpu", eval_samples=4))
     got = evaluate(emu, tiny_data, ad, tmp_path / "eval.json", EvalConfig(samples=6, device="cpu"))
     assert 0.0 <= got["exact_match"] <= 1.0 and torch.isfinite(torch.tensor(got["loss"]))
+
+
+def test_bench_vocab_ablation_is_a_row_of_its_own(tiny_base, tmp_path):
+    from emloc.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(base=str(tiny_base), methods=("quant",), vocab_ablations=("nf4",), clamps=(), calibration_sizes=(),
+                      plain_svd=False, energy_allocation=False, sequential=False, other_calibration=None, baselines=False)
+    report = run_bench(tmp_path / "bench", cfg, report_only=True)
+    assert "vocab-nf4" in report["not_run"]["unfinished rows"].split(" (")[0].split(", ")

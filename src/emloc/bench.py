@@ -80,6 +80,8 @@ class BenchConfig:
             comparison in the budget (EMLoC on the base against LoRA on the smaller model) runs
             before LoRA on the original, which is over the budget by design.
         vocab_format: the EMLoC emulators' token embedding and output head (`emloc build --vocab-format`).
+        vocab_ablations: formats of the ablation rows whose first quantised emulator (first seed and
+            ratio) also stores its embedding and head in that format: what quantising them costs.
         stats_dtype: float64 or float32 statistics/SVD in the builds.
         dtype: dtype of the frozen weights in every build, training and evaluation (auto: bf16 on
             CUDA, fp32 on CPU; bfloat16 is 3-4x faster than fp32 on CPUs with AVX512-BF16).
@@ -122,6 +124,7 @@ class BenchConfig:
     extra_eval: str | None = None
     smaller: str | None = None
     vocab_format: str = "keep"
+    vocab_ablations: tuple[str, ...] = ()
     stats_dtype: str = "float64"
     dtype: str = "auto"
     device: str = "auto"
@@ -149,11 +152,11 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, vocab_ablations=("nf4",), refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     # on two CPU cores a Qwen row costs ~3x a SmolLM2 row (NF4 and QLoRA more): the headline rows only
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16",
-                               methods=("quant",), ratios=(0.5, 0.25), qlora=True, checkpointing=True, clamps=(),
+                               methods=("quant",), ratios=(0.5, 0.25), qlora=True, checkpointing=True, clamps=(), vocab_ablations=("nf4",),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
     # a Flux-shaped denoiser (emloc.fashion: pretrained here on Fashion-MNIST classes 0-8) taught the
@@ -263,6 +266,9 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     for rq in cfg.rtn_ratios:  # GPTQ's share: the same quantised emulator rounded to nearest
         jobs.append((f"rtn-{rq}", ablation("rtn", "quant rounded to nearest (no GPTQ)", cfg.samples, "--method", "quant",
                                            "--rounding", "rtn", q=rq)))
+    for vf in cfg.vocab_ablations:  # what an embedding and head in `vf` cost the first quantised emulator
+        jobs.append((f"vocab-{vf}", ablation(f"vocab-{vf}", f"quant with a {vf} embedding and head", cfg.samples, "--method", "quant",
+                                             "--vocab-format", vf)))
     if cfg.energy_allocation:
         jobs.append(("energy-allocation", ablation("energy", "energy rank allocation", cfg.samples, "--allocation", "energy")))
     if cfg.plain_svd:
