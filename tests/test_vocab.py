@@ -163,3 +163,10 @@ def test_bench_vocab_ablation_is_a_row_of_its_own(tiny_base, tmp_path):
                       plain_svd=False, energy_allocation=False, sequential=False, other_calibration=None, baselines=False)
     report = run_bench(tmp_path / "bench", cfg, report_only=True)
     assert "vocab-nf4" in report["not_run"]["unfinished rows"].split(" (")[0].split(", ")
+
+
+def test_ddp_does_not_broadcast_the_frozen_codes():
+    """Every rank loads the same codes; DDP's default would send all of them from rank 0 before every forward."""
+    from emloc.train import _accelerator
+
+    assert _accelerator(TrainConfig(device="cpu")).ddp_handler.broadcast_buffers is False

@@ -218,9 +218,12 @@ def eval_loss(model: nn.Module, examples: list, micro: int, objective: Any, devi
 def _accelerator(cfg: TrainConfig):
     """The process setup; CPU-only machines run on CPU even with `--device auto` (else every process is rank 0)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+    # every rank loads the same frozen buffers (a quantised emulator's codes: most of its weights), so
+    # DDP need not broadcast them from rank 0 before every forward, as it does by default
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine owns the optimizer step (accelerate steps it on every micro-batch) and its
         # ZeRO-3 partitions need its own gather; emloc's loop does neither, so it refuses rather than train wrongly.
