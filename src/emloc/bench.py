@@ -152,12 +152,12 @@ PRESETS: dict[str, BenchConfig] = {
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the
     # block weights' bytes (bfloat16), against QLoRA and LoRA on the original with and without checkpointing
     "budget": BenchConfig(ratios=(0.5, 0.25), steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16", methods=("quant", "svd", "svd+quant"),
-                          seeded_ratios=1, seeded_methods=("quant",), qlora=True, refine_blocks=4, vocab_ablations=("nf4",), refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
+                          seeded_ratios=2, seeded_methods=("quant",), qlora=True, refine_blocks=4, vocab_ablations=("nf4",), refine_methods=("svd",), rtn_ratios=(0.25,), checkpointing=True, clamps=(), calibration_sizes=(), plain_svd=False,
                           energy_allocation=False, sequential=False, other_calibration=None, baselines=False),
     # on two CPU cores a Qwen row costs ~3x a SmolLM2 row (NF4 and QLoRA more): every method at the
     # first seed, the seeds for the quantised emulator (the default) and the baselines
     "budget-qwen": BenchConfig(base="qwen2.5-coder-0.5b", steps=50, auto_correction=False, seeds=(0, 1, 2), eval_samples=64, dtype="bfloat16",
-                               methods=("quant", "svd", "svd+quant"), seeded_methods=("quant",), ratios=(0.5, 0.25), qlora=True,
+                               methods=("quant", "svd", "svd+quant"), seeded_methods=("quant",), ratios=(0.5, 0.25), seeded_ratios=2, qlora=True,
                                refine_blocks=4, refine_methods=("svd",), checkpointing=True, clamps=(), vocab_ablations=("nf4",),
                                calibration_sizes=(), plain_svd=False, energy_allocation=False, sequential=False,
                                other_calibration=None, baselines=False),
