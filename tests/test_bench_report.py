@@ -70,3 +70,16 @@ def test_order_main_rows_then_repeats_then_baselines_then_ablations():
     names = ["plain-svd", "layer-drop-0.5", "lora-original-s1", "zero-shot-s0", "lora-original-s0", "emloc-0.5-s0"]
     assert _ordered(names, "small") == ["zero-shot-s0", "lora-original-s0", "emloc-0.5-s0", "lora-original-s1",
                                         "layer-drop-0.5", "plain-svd"]
+
+
+def test_frozen_weights_column_shows_bytes_held_and_nothing_else():
+    """A parameter count leaves a quantised emulator's codes out: only recorded bytes are shown."""
+    rows = _rows()
+    rows[2].update(trained_model_bytes=3 * 2**20, trained_model_params=10**6)
+    rows[1].update(trained_model_params=5 * 10**6)
+    _recovered(rows)
+    md = format_report({"command": "", "base": "/m/base", "task": "t", "versions": {}, "rows": rows, "not_run": {}})
+    lines = md.splitlines()
+    emloc = next(x for x in lines if x.startswith("| EMLoC | 0.5 |"))
+    lora = next(x for x in lines if x.startswith("| LoRA on the original |"))
+    assert emloc.split(" | ")[7] == "3" and lora.split(" | ")[7] == "-"

@@ -88,13 +88,13 @@ def format_report(report: dict[str, Any]) -> str:
              f"base: {Path(report['base']).name}, task: {report['task']}, versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"machine: {report.get('machine', '?')}; dtype of the frozen weights: {_cfg(report).get('dtype', 'auto')}", "",
-             f"| method | ratio | bytes | seed | held-out {metric} | recovered | exact match | frozen weights trained on | train peak RSS (MB) "
+             f"| method | ratio | bytes | seed | held-out {metric} | recovered | exact match | frozen weights trained on (MB) | train peak RSS (MB) "
              f"| s/step |{extra_head}", "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extras)]
     for x in report["rows"]:
         rec = f"{x['recovered']:.1%}" if x.get("recovered") is not None else "-"
         em = f"{x['exact_match']:.3f}" if x.get("exact_match") is not None else "-"
-        tp = (f"{x['trained_model_bytes'] / 2**20:.0f} MB" if x.get("trained_model_bytes") else
-              f"{x['trained_model_params'] / 1e6:.1f}M" if x.get("trained_model_params") else "-")
+        # rows from before model_bytes was recorded: their parameter count leaves quantised codes out
+        tp = f"{x['trained_model_bytes'] / 2**20:.0f}" if x.get("trained_model_bytes") else "-"
         mem = f"{x['train_peak_rss_mb']:.0f}" if x.get("train_peak_rss_mb") else "-"
         sps = f"{x['seconds_per_step']:.2f}" if x.get("seconds_per_step") else "-"
         method = x["method"] + (f" → {x['chosen']}" if x.get("chosen") else "")
