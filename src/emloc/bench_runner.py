@@ -53,8 +53,12 @@ class _Runner:
             self.cli("train", "--model", model, "--data", data, *(["--eval-data", eval_data] if eval_data else []), "--output", str(out),
                      "--steps", str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--rank", str(c.rank),
                      "--alpha", str(c.alpha), "--max-length", str(c.max_length), "--eval-every", "0", "--eval-samples", "64",
-                     "--seed", str(seed), "--overwrite", *extra, *self.dev())
+                     "--seed", str(seed), "--overwrite", *self.resumable(), *extra, *self.dev())
         return out
+
+    def resumable(self) -> list[str]:
+        """A checkpoint every quarter of the steps and resume from it: a stopped bench does not retrain a row from step 0."""
+        return ["--save-every", str(max(1, self.cfg.steps // 4)), "--resume"]
 
     def correct(self, name: str, adapter: Path, clamp: float | None, mode: str = "paper", *extra: str) -> Path:
         out = self.work / name
