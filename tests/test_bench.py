@@ -7,7 +7,10 @@ this one test several minutes); the bench's numbers on real models are in the RE
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from emloc import EmlocError
 from emloc.cli import main
 
 from .conftest import make_data, make_model_dir
@@ -49,3 +52,21 @@ def test_bench_smoke_runs_every_row_and_resumes(tmp_path):
     stamp = (out / "rows" / "zero-shot-s0.json").stat().st_mtime
     assert main(args) == 0
     assert (out / "rows" / "zero-shot-s0.json").stat().st_mtime == stamp
+
+
+def test_bench_training_rows_checkpoint_and_resume(tiny_emulator, tiny_data, tmp_path):
+    """A bench row's training, killed after a checkpoint, resumes to the adapter of an uninterrupted run."""
+    from emloc.bench import BenchConfig
+    from emloc.bench_runner import _Runner
+
+    r = _Runner(tmp_path, BenchConfig(steps=4, batch_size=4, rank=2, max_length=64, device="cpu", dtype="float32"))
+    assert r.resumable() == ["--save-every", "1", "--resume"]
+    whole = r.train("whole", str(tiny_emulator), str(tiny_data), None, 0)
+    r.env["EMLOC_FAULT_TRAIN_STEP"] = "3"  # SIGKILL after step 3 (its checkpoint is written)
+    with pytest.raises(EmlocError):
+        r.train("part", str(tiny_emulator), str(tiny_data), None, 0)
+    assert (tmp_path / "part.checkpoint").is_dir() and not (tmp_path / "part").exists()
+    del r.env["EMLOC_FAULT_TRAIN_STEP"]
+    resumed = r.train("part", str(tiny_emulator), str(tiny_data), None, 0)
+    a, b = (load_file(p / "adapter_model.safetensors") for p in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -79,3 +79,11 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, tiny_emulator):
     assert [r["loss"] for r in _losses(tmp_path / "cut")] == pytest.approx([r["loss"] for r in _losses(tmp_path / "one")], abs=1e-5)
     for k, v in load_file(tmp_path / "cut" / "adapter_model.safetensors").items():
         torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_ddp_does_not_broadcast_the_frozen_codes():
+    """Every rank loads the same codes; DDP's default would send all of them from rank 0 before every forward."""
+    from emloc import TrainConfig
+    from emloc.train import _accelerator
+
+    assert _accelerator(TrainConfig(device="cpu")).ddp_handler.broadcast_buffers is False

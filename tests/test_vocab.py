@@ -163,28 +163,3 @@ def test_bench_vocab_ablation_is_a_row_of_its_own(tiny_base, tmp_path):
                       plain_svd=False, energy_allocation=False, sequential=False, other_calibration=None, baselines=False)
     report = run_bench(tmp_path / "bench", cfg, report_only=True)
     assert "vocab-nf4" in report["not_run"]["unfinished rows"].split(" (")[0].split(", ")
-
-
-def test_ddp_does_not_broadcast_the_frozen_codes():
-    """Every rank loads the same codes; DDP's default would send all of them from rank 0 before every forward."""
-    from emloc.train import _accelerator
-
-    assert _accelerator(TrainConfig(device="cpu")).ddp_handler.broadcast_buffers is False
-
-
-def test_bench_training_rows_checkpoint_and_resume(tiny_emulator, tiny_data, tmp_path):
-    """A bench row's training, killed after a checkpoint, resumes to the adapter of an uninterrupted run."""
-    from emloc.bench import BenchConfig
-    from emloc.bench_runner import _Runner
-
-    r = _Runner(tmp_path, BenchConfig(steps=4, batch_size=4, rank=2, max_length=64, device="cpu", dtype="float32"))
-    assert r.resumable() == ["--save-every", "1", "--resume"]
-    whole = r.train("whole", str(tiny_emulator), str(tiny_data), None, 0)
-    r.env["EMLOC_FAULT_TRAIN_STEP"] = "3"  # SIGKILL after step 3 (its checkpoint is written)
-    with pytest.raises(EmlocError):
-        r.train("part", str(tiny_emulator), str(tiny_data), None, 0)
-    assert (tmp_path / "part.checkpoint").is_dir() and not (tmp_path / "part").exists()
-    del r.env["EMLOC_FAULT_TRAIN_STEP"]
-    resumed = r.train("part", str(tiny_emulator), str(tiny_data), None, 0)
-    a, b = (load_file(p / "adapter_model.safetensors") for p in (whole, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
