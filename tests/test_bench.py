@@ -70,3 +70,18 @@ def test_bench_training_rows_checkpoint_and_resume(tiny_emulator, tiny_data, tmp
     resumed = r.train("part", str(tiny_emulator), str(tiny_data), None, 0)
     a, b = (load_file(p / "adapter_model.safetensors") for p in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_gradient_checkpointing_reaches_every_training_row(tmp_path):
+    """`gradient_checkpointing` adds the flag to each training stage once, and only then."""
+    from emloc.bench import PRESETS, BenchConfig
+    from emloc.bench_runner import _Runner
+
+    seen: list[tuple[str, ...]] = []
+    for on in (False, True):
+        r = _Runner(tmp_path, BenchConfig(gradient_checkpointing=on))
+        r.cli = lambda *args: seen.append(args)  # type: ignore[method-assign]
+        r.train("a", "m", "d.jsonl", None, 0)
+        r.train("b", "m", "d.jsonl", None, 0, "--gradient-checkpointing")
+    assert [a.count("--gradient-checkpointing") for a in seen] == [0, 1, 1, 1]
+    assert PRESETS["bigger-in-budget"].gradient_checkpointing

@@ -64,6 +64,8 @@ class BenchConfig:
             the original and on the NF4 copy), seeded like the main rows.
         checkpointing: add the row of LoRA on the original with gradient checkpointing (and the
             chunked loss every row uses), for its training peak.
+        gradient_checkpointing: every training row checkpoints its blocks (`emloc train
+            --gradient-checkpointing`): the peaks then compare weights rather than activations.
         auto_correction: add the row of `emloc correct --mode auto` (the default) per EMLoC emulator.
         refine_blocks: K > 0 adds the top-K refinement rows (first seed): each EMLoC adapter
             (weighted correction) trained further on the original for steps / 2 steps, only the LoRA
@@ -116,6 +118,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("svd",)
     qlora: bool = False
     checkpointing: bool = False
+    gradient_checkpointing: bool = False
     auto_correction: bool = True
     refine_blocks: int = 0
     refine_methods: tuple[str, ...] = ()
@@ -143,10 +146,11 @@ PRESETS: dict[str, BenchConfig] = {
     # untied 151,936-entry embedding and head alone are 467M parameters (the 0.5B has 630M in all), so
     # only an emulator that also stores them quantised gets there: `emloc plan --batch 8 --seq-len 128
     # --method quant --vocab-format nf4` predicts 2.07 GB at 0.25 against 2.22 GB for LoRA on the 0.5B
-    # (1.5B NF4 blocks alone: 2.70 GB). float32 statistics shorten the build. (An earlier version ran
-    # SVD at 0.15, matching the parameter count: docs/bench/bigger-chatterbot-topic.md.)
+    # (1.5B NF4 blocks alone: 2.70 GB). Every row checkpoints, so that the measured peaks compare
+    # weights, not the 1.5B's larger activations. float32 statistics shorten the build. (An earlier
+    # version ran SVD at 0.15, matching the parameter count: docs/bench/bigger-chatterbot-topic.md.)
     "bigger-in-budget": BenchConfig(base="qwen2.5-coder-1.5b", ratios=(0.25,), methods=("quant",), vocab_format="nf4", steps=100,
-                                    dtype="bfloat16", smaller="qwen2.5-coder-0.5b", baselines=False, stats_dtype="float32",
+                                    dtype="bfloat16", gradient_checkpointing=True, smaller="qwen2.5-coder-0.5b", baselines=False, stats_dtype="float32",
                                     auto_correction=False, clamps=(), calibration_sizes=(), plain_svd=False, energy_allocation=False,
                                     sequential=False, other_calibration=None),
     # "what is the best adapter I can train in my memory?": every emulator method at 50% and 25% of the

@@ -49,6 +49,8 @@ class _Runner:
     def train(self, name: str, model: str, data: str, eval_data: str | None, seed: int, *extra: str) -> Path:
         out = self.work / name
         c = self.cfg
+        if c.gradient_checkpointing and "--gradient-checkpointing" not in extra:
+            extra = (*extra, "--gradient-checkpointing")
         if read_manifest(out) is None:
             self.cli("train", "--model", model, "--data", data, *(["--eval-data", eval_data] if eval_data else []), "--output", str(out),
                      "--steps", str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--rank", str(c.rank),
