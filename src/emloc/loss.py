@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cpu_compute import frozen_linear
 from .data import IGNORE
 from .families import family_of
 
@@ -48,7 +49,7 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.T
     emulator's quantised head: its class's own map, since the instance's forward is the loss here)."""
     if isinstance(weight, nn.Module):
         return type(weight).forward(weight, h)
-    return F.linear(h, weight, bias)
+    return frozen_linear(h, weight, bias)
 
 
 def _ce_sum(h: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:

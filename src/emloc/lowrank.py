@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_compute import frozen_linear
+
 EIG_FLOOR = 1e-7  # eigenvalues are floored at EIG_FLOOR * mean eigenvalue (trace(G) / n)
 
 
@@ -263,7 +265,7 @@ class LowRankLinear(nn.Linear):
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.down), self.up, self.bias)
+        return frozen_linear(frozen_linear(x, self.down), self.up, self.bias)  # float32 products where bf16 is slow
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W_e = up @ down (m x n), in `dtype` (default: the factors')."""
@@ -272,7 +274,7 @@ class LowRankLinear(nn.Linear):
 
     def linear_map(self, x: torch.Tensor) -> torch.Tensor:
         """W_e x without the bias, in x's dtype (x: ... x n)."""
-        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return frozen_linear(frozen_linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

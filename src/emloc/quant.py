@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_compute import compute_dtype
 from .errors import EmlocError
 
 # The NormalFloat-4 levels (quantiles of a standard normal, scaled to [-1, 1]; Dettmers et al., 2023).
@@ -274,21 +275,24 @@ class QuantLinear(nn.Linear):
 
     def linear_map(self, x: torch.Tensor) -> torch.Tensor:
         """W_e x without the bias, in x's dtype (x: ... x n)."""
-        blocks = self.row_blocks()
+        cd = compute_dtype(x.dtype, x.device)  # float32 on CPUs without bf16 units (see cpu_compute)
+        xc, blocks = x.to(cd), self.row_blocks()
         if len(blocks) == 1:
-            y = F.linear(x, self.quantized(x.dtype))
+            y = F.linear(xc, self.quantized(cd))
         else:
-            y = torch.cat([F.linear(x, self.quantized(x.dtype, rows)) for rows in blocks], dim=-1)
+            y = torch.cat([F.linear(xc, self.quantized(cd, rows)) for rows in blocks], dim=-1)
         if self.rank:
-            y = y + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
-        return y
+            y = y + F.linear(F.linear(xc, self.down.to(cd)).to(x.dtype).to(cd), self.up.to(cd))
+        return y.to(x.dtype)
 
     def transposed_map(self, g: torch.Tensor) -> torch.Tensor:
         """W_e^T g (g: ... x m)."""
-        y = sum(g[..., rows] @ self.quantized(g.dtype, rows) for rows in self.row_blocks())
+        cd = compute_dtype(g.dtype, g.device)
+        gc = g.to(cd)
+        y = sum(gc[..., rows] @ self.quantized(cd, rows) for rows in self.row_blocks())
         if self.rank:
-            y = y + (g @ self.up.to(g.dtype)) @ self.down.to(g.dtype)
-        return y
+            y = y + (gc @ self.up.to(cd)).to(g.dtype).to(cd) @ self.down.to(cd)
+        return y.to(g.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _FrozenLinear.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.linear_map(x)

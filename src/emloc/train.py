@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import (MANIFEST, Stopwatch, check_output, fingerprint, legacy_order, peak_memory_mb, read_manifest,
                         staged_output, versions, write_json)
+from .cpu_compute import compute_dtype, upcast_frozen_linears
 from .checkpoint import checkpoint_dir, config_key, fault_point, load_checkpoint, save_checkpoint
 from .data import Example, sample
 from .errors import EmlocError
@@ -153,15 +154,18 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quan
     if Path(str(path)).expanduser().is_dir() and is_emulator(Path(str(path)).expanduser()):
         if quantize != "none":
             raise EmlocError("--quantize applies to a model folder, not to an emulator (build one with --method quant)")
-        return load_emulator(path, device, dtype)
-    folder = resolve_model(path)
-    dev = parse_device(device)
-    if quantize == "nf4":
-        return _load_nf4(folder, dev, parse_dtype(dtype, dev))
-    model = family_of(load_config(folder)).load(folder, dtype=parse_dtype(dtype, dev)).to(dev)
-    model.eval()
-    if not isinstance(getattr(model, "name_or_path", None), str):  # diffusers models do not record their folder
-        model.name_or_path = str(folder)
+        model = load_emulator(path, device, dtype)
+    else:
+        folder = resolve_model(path)
+        dev = parse_device(device)
+        if quantize == "nf4":
+            model = _load_nf4(folder, dev, parse_dtype(dtype, dev))
+        else:
+            model = family_of(load_config(folder)).load(folder, dtype=parse_dtype(dtype, dev)).to(dev)
+            model.eval()
+        if not isinstance(getattr(model, "name_or_path", None), str):  # diffusers models do not record their folder
+            model.name_or_path = str(folder)
+    upcast_frozen_linears(model)  # bf16 on a CPU without bf16 units: frozen products in float32
     return model
 
 
@@ -171,7 +175,8 @@ def _load_nf4(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Modu
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise EmlocError("--quantize nf4 needs bitsandbytes; pip install 'emloc[qlora]'") from None
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    # the 4-bit layers compute in float32 where bf16 products are slow (see cpu_compute), returning x's dtype
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype(dtype, device))
     model = family_of(load_config(folder)).load(folder, quantization_config=q, dtype=dtype, device_map={"": str(device)})
     model.eval()
     return model
