@@ -83,7 +83,7 @@ def test_quant_and_lowrank_layers_compute_in_float32_without_float32_weights(upc
     x = torch.randn(2, 5, n).to(BF16).requires_grad_()
     y, saved = saved_for_backward(lambda: q(x))
     low = F.linear(x.float(), q.down.float()).to(BF16).float()
-    ref = (F.linear(x.float(), q.quantized(torch.float32)) + F.linear(low, q.up.float())).to(BF16) + q.bias
+    ref = (F.linear(x.float(), q.quantized(BF16).float()) + F.linear(low, q.up.float())).to(BF16) + q.bias
     assert y.dtype == BF16 and torch.equal(y, ref)
     assert not [s for s in saved if s[1] in ((m, n), (n, m))]
     (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))

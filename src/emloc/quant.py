@@ -275,12 +275,14 @@ class QuantLinear(nn.Linear):
 
     def linear_map(self, x: torch.Tensor) -> torch.Tensor:
         """W_e x without the bias, in x's dtype (x: ... x n)."""
-        cd = compute_dtype(x.dtype, x.device)  # float32 on CPUs without bf16 units (see cpu_compute)
+        # float32 products on CPUs without bf16 units (see cpu_compute), of the weight dequantised in
+        # x's dtype, so that the layer is the same function on every machine
+        cd = compute_dtype(x.dtype, x.device)
         xc, blocks = x.to(cd), self.row_blocks()
         if len(blocks) == 1:
-            y = F.linear(xc, self.quantized(cd))
+            y = F.linear(xc, self.quantized(x.dtype).to(cd))
         else:
-            y = torch.cat([F.linear(xc, self.quantized(cd, rows)) for rows in blocks], dim=-1)
+            y = torch.cat([F.linear(xc, self.quantized(x.dtype, rows).to(cd)) for rows in blocks], dim=-1)
         if self.rank:
             y = y + F.linear(F.linear(xc, self.down.to(cd)).to(x.dtype).to(cd), self.up.to(cd))
         return y.to(x.dtype)
@@ -289,7 +291,7 @@ class QuantLinear(nn.Linear):
         """W_e^T g (g: ... x m)."""
         cd = compute_dtype(g.dtype, g.device)
         gc = g.to(cd)
-        y = sum(gc[..., rows] @ self.quantized(cd, rows) for rows in self.row_blocks())
+        y = sum(gc[..., rows] @ self.quantized(g.dtype, rows).to(cd) for rows in self.row_blocks())
         if self.rank:
             y = y + (gc @ self.up.to(cd)).to(g.dtype).to(cd) @ self.down.to(cd)
         return y.to(g.dtype)
