@@ -85,3 +85,17 @@ def test_bench_gradient_checkpointing_reaches_every_training_row(tmp_path):
         r.train("b", "m", "d.jsonl", None, 0, "--gradient-checkpointing")
     assert [a.count("--gradient-checkpointing") for a in seen] == [0, 1, 1, 1]
     assert PRESETS["bigger-in-budget"].gradient_checkpointing
+
+
+def test_bench_only_runs_the_named_rows_and_lists_the_rest(tmp_path):
+    out = tmp_path / "bench"
+    base = make_model_dir(tmp_path / "base", "llama")
+    data, held = make_data(tmp_path / "train.jsonl", 20), make_data(tmp_path / "eval.jsonl", 6, seed=1)
+    args = ["bench", "--preset", "smoke", "--output", str(out), "--device", "cpu", "--base", str(base),
+            "--data", str(data), "--eval-data", str(held), "--only", "zero-shot-s*"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["zero-shot original"]
+    assert sorted(p.name for p in (out / "rows").iterdir()) == ["zero-shot-s0.json"]
+    unfinished = report["not_run"]["unfinished rows"]
+    assert "lora-original-s0" in unfinished and "zero-shot-s0" not in unfinished

@@ -9,6 +9,7 @@ being left out.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 from dataclasses import dataclass
@@ -184,11 +185,12 @@ BASELINES = {"layer-drop": "Offsite-style emulator (layer drop)", "channel-prune
 
 
 def run_bench(output: str | Path, config: BenchConfig | None = None, command: str = "",
-              report_only: bool = False) -> dict[str, Any]:
+              report_only: bool = False, only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run every row of the benchmark into `output` (resuming finished rows) and write the report.
 
     With `report_only`, nothing runs: the report is written from the rows already finished and
-    lists the others as not run.
+    lists the others as not run. With `only` (row names or shell patterns, e.g. "emloc-quant-0.25-s*";
+    the names are those of `output/rows/*.json`), only the matching unfinished rows run.
 
     Returns:
         The report: {"rows": [...], "config", "versions", ...}; also written as report.json,
@@ -303,7 +305,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         f = rows_dir / f"{name}.json"
         if f.is_file():
             got = json.loads(f.read_text())
-        elif report_only:
+        elif report_only or (only and not any(fnmatch.fnmatchcase(name, p) for p in only)):
             skipped_rows.append(name)
             continue
         else:
@@ -321,7 +323,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
     if not cfg.baselines:
         skipped["Offsite-style and pruning emulators"] = "not in this preset (see the qwen and small presets)"
     if skipped_rows:
-        skipped["unfinished rows"] = ", ".join(skipped_rows) + " (stopped for time; rerun without --report-only to finish)"
+        skipped["unfinished rows"] = ", ".join(skipped_rows) + " (not run; rerun without --report-only or --only to finish)"
     report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
               "metric": rows[0].get("metric", "answer NLL") if rows else "answer NLL",
               "not_run": skipped, "versions": versions(), "machine": machine(), "wall_seconds": round(watch.seconds, 1)}

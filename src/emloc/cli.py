@@ -196,7 +196,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
     if ns.base:
         cfg = dataclasses.replace(cfg, base=ns.base)
     out = ns.output or f"bench-{ns.preset}"
-    run_bench(out, cfg, command="emloc " + " ".join(ns.argv), report_only=ns.report_only)
+    run_bench(out, cfg, command="emloc " + " ".join(ns.argv), report_only=ns.report_only, only=tuple(ns.only or ()))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -267,6 +267,8 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds (finished rows are reused)")
     bn.add_argument("--ratios", type=float, nargs="+", help="override the preset's emulator ratios (finished rows are reused)")
     bn.add_argument("--report-only", action="store_true", help="write the report from the finished rows; run nothing")
+    bn.add_argument("--only", nargs="+", metavar="ROW", help="run only these unfinished rows (names of OUTPUT/rows/*.json, "
+                    "shell patterns allowed, e.g. 'emloc-quant-0.25-s*'); the report lists the others as not run")
     bn.add_argument("--task", help="embedded task: chatterbot-topic (short answers, exact match), chatterbot-en or "
                     "easy-vqa (image records, for a vision-language base) (default: the preset's)")
     bn.add_argument("--base", help="model folder or packaged name to benchmark (default: the preset's)")
