@@ -118,6 +118,10 @@ def test_full_tiny_run_through_the_cli(tmp_path, capsys, tiny_base):
     assert "Peak memory of each stage" in out and res["inference_peak_rss_mb"] > 0
     assert [m["stage"].split()[0] for m in res["memory"]] == ["build", "train", "correct"]
     assert all(m["peak_rss_mb"] > 0 for m in res["memory"])
+    # the demo's emulator is the measured best (`auto`: int8 at 0.5), sized in bytes, not parameters
+    emanifest = json.loads((tmp_path / "run" / "emulator" / "manifest.json").read_text())
+    assert {layer["kind"] for layer in emanifest["layers"].values()} == {"quant"}
+    assert "% of the block linears' bytes" in out
     code = main(["merge", "--adapter", str(tmp_path / "run" / "corrected"), "--output", str(tmp_path / "merged")])
     assert code == 0 and (tmp_path / "merged" / "config.json").is_file()
     code = main(["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output", str(tmp_path / "merged2")])
