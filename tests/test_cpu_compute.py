@@ -8,8 +8,9 @@ from torch import nn
 from emloc import EmlocError
 from emloc.cpu_compute import UpcastLinear, bf16_units_in, compute_dtype, frozen_linear, upcast_frozen_linears
 from emloc.lowrank import LowRankLinear
-from emloc.quant import FORMATS, QuantLinear, pack, quantize_rtn
 from emloc.train import load_model
+
+from .test_quant import random_quant_linear
 
 BF16 = torch.bfloat16
 
@@ -71,15 +72,7 @@ def test_frozen_linear_is_the_float32_product_and_saves_no_float32_weight(upcast
 def test_quant_and_lowrank_layers_compute_in_float32_without_float32_weights(upcast):
     torch.manual_seed(0)
     m, n, k = 24, 128, 3
-    f = FORMATS["nf4"]
-    q = QuantLinear(n, m, "nf4", rank=k, bias=True, dtype=BF16)
-    codes, scales = quantize_rtn(torch.randn(m, n), f)
-    with torch.no_grad():
-        q.qweight.copy_(pack(codes, f))
-        q.scales.copy_(scales)
-        q.up.copy_(torch.randn(m, k))
-        q.down.copy_(torch.randn(k, n))
-        q.bias.copy_(torch.randn(m))
+    q = random_quant_linear(m, n, k, BF16)
     x = torch.randn(2, 5, n).to(BF16).requires_grad_()
     y, saved = saved_for_backward(lambda: q(x))
     low = F.linear(x.float(), q.down.float()).to(BF16).float()

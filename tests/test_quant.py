@@ -62,11 +62,10 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(fmt):
     assert errs["gptq"] < 0.7 * errs["rtn"], errs
 
 
-def test_quant_linear_forward_backward_and_bytes():
-    torch.manual_seed(0)
-    m, n, k = 24, 128, 3
+def random_quant_linear(m: int, n: int, k: int, dtype: torch.dtype) -> QuantLinear:
+    """An NF4 `QuantLinear` (m x n, low-rank term of rank k, bias) with random codes and factors."""
     f = FORMATS["nf4"]
-    layer = QuantLinear(n, m, "nf4", rank=k, bias=True, dtype=torch.float64)
+    layer = QuantLinear(n, m, "nf4", rank=k, bias=True, dtype=dtype)
     codes, scales = quantize_rtn(torch.randn(m, n), f)
     with torch.no_grad():
         layer.qweight.copy_(pack(codes, f))
@@ -74,6 +73,14 @@ def test_quant_linear_forward_backward_and_bytes():
         layer.up.copy_(torch.randn(m, k))
         layer.down.copy_(torch.randn(k, n))
         layer.bias.copy_(torch.randn(m))
+    return layer
+
+
+def test_quant_linear_forward_backward_and_bytes():
+    torch.manual_seed(0)
+    m, n, k = 24, 128, 3
+    f = FORMATS["nf4"]
+    layer = random_quant_linear(m, n, k, torch.float64)
     dense = layer.dense_weight(torch.float64)
     x = torch.randn(2, 5, n, dtype=torch.float64, requires_grad=True)
     y = layer(x)
