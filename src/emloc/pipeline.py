@@ -67,9 +67,10 @@ class RunConfig:
     # each); `--method svd` gives the paper's
     emulator: EmulatorConfig = field(default_factory=lambda: EmulatorConfig(method="auto"))
     # checkpointing and micro-batches of 2 keep training under the original's inference peak (the table
-    # shows it; micro-batches of 8 reached it exactly, 1112 MB); 30 steps and a 32-record in-training
-    # eval (the held-out rows are evaluated after) keep the demo near 10 minutes on 2 CPU cores with
-    # every stage's memory returned to the OS
+    # shows it: 975 against 1216 MB with the int8 emulator; with the SVD one, micro-batches of 8
+    # reached it exactly, 1112 MB); 30 steps and a 32-record in-training eval (the held-out rows are
+    # evaluated after) keep the demo near 18 minutes on 2 AVX2 cores with every stage's memory
+    # returned to the OS
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=30, max_length=256, eval_every=0, lr=3e-4,
                                                                    micro_batch_size=2, eval_samples=32,
                                                                    gradient_checkpointing=True))
