@@ -101,10 +101,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
     if trainable or compute_dtype(weight.dtype, weight.device) == weight.dtype:
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _UpcastLinear.apply(x, weight, bias)
-    b = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    return _UpcastLinear.apply(x, weight, bias)  # without grad, autograd records nothing
 
 
 class UpcastLinear(nn.Linear):
