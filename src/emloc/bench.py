@@ -212,7 +212,32 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         train_f, eval_f = cfg.data, cfg.eval_data or cfg.data
     base = str(resolve_model(cfg.base))
     r = _Runner(work, cfg)
-    first = cfg.seeds[0]
+    jobs = _main_jobs(r, base, train_f, eval_f) + _ablation_jobs(r, base, train_f, eval_f)
+    if cfg.smaller:
+        small = str(resolve_model(cfg.smaller))
+        jobs.append(("smaller", lambda: _row(f"LoRA on {cfg.smaller}", None, cfg.seeds[0], r.eval(
+            "smaller", small, eval_f, r.train("smaller", small, train_f, eval_f, cfg.seeds[0])), train=work / "smaller")))
+    jobs.sort(key=lambda job: job_priority(job[0], cfg))
+    rows, skipped_rows = _run_jobs(jobs, rows_dir, report_only, only)
+    report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
+              "metric": rows[0].get("metric", "answer NLL") if rows else "answer NLL",
+              "not_run": _not_run(cfg, base, skipped_rows), "versions": versions(), "machine": machine(),
+              "wall_seconds": round(watch.seconds, 1)}
+    _recovered(rows)
+    report["seed_spread"] = seed_spread(rows)
+    write_json(out / "report.json", to_jsonable(report))
+    (out / "report.md").write_text(format_report(report) + "\n")
+    _plot(rows, out / "quality_vs_memory.png")
+    print(watch.summary("bench", out))
+    return report
+
+
+
+
+def _main_jobs(r: _Runner, base: str, train_f: str, eval_f: str) -> list[tuple[str, Any]]:
+    """(row name, job) of the main rows: zero-shot, LoRA, QLoRA, EMLoC per method and ratio, the
+    remedies, the checkpointed LoRA, the other emulators and the clamp ablations."""
+    cfg, work, first = r.cfg, r.work, r.cfg.seeds[0]
     jobs: list[tuple[str, Any]] = []
     for seed in cfg.seeds:
         jobs.append((f"zero-shot-s{seed}", lambda s=seed: _row("zero-shot original", None, s, r.eval("zero-shot", base, eval_f))))
@@ -258,6 +283,15 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                 f"adapter-{q}-s{first}", str(r.build(f"emulator-{q}", base, train_f, q, cfg.samples)), train_f, eval_f, first), c)),
             correct=work / f"corrected-{q}-L{n}")))
 
+    return jobs
+
+
+def _ablation_jobs(r: _Runner, base: str, train_f: str, eval_f: str) -> list[tuple[str, Any]]:
+    """(row name, job) of the emulator ablations: each builds a variant, trains, corrects (weighted) and evaluates."""
+    from .data import default_task
+
+    cfg, q, first = r.cfg, r.cfg.ratios[0], r.cfg.seeds[0]
+
     def ablation(tag: str, label: str, samples: int, *flags: str, calibration: str | None = None, q: float = q,
                  seed: int = first):
         at = tag if seed == first else f"{tag}-s{seed}"  # the first seed keeps its names: earlier benches resume
@@ -271,6 +305,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                     _row(f"ablation: {label}, uncorrected", q, seed, r.eval(f"uncorrected-{q}-{at}", base, eval_f, ad),
                          build=emu, train=ad)]
         return go
+    jobs: list[tuple[str, Any]] = []
     for rq in cfg.rtn_ratios:  # GPTQ's share: the same quantised emulator rounded to nearest
         jobs.append((f"rtn-{rq}", ablation("rtn", "quant rounded to nearest (no GPTQ)", cfg.samples, "--method", "quant",
                                            "--rounding", "rtn", q=rq)))
@@ -293,12 +328,15 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
                                                    calibration=other)))
     for n in cfg.calibration_sizes:
         jobs.append((f"calib-{n}", ablation(f"calib{n}", f"{n} calibration samples", n)))
-    if cfg.smaller:
-        small = str(resolve_model(cfg.smaller))
-        jobs.append(("smaller", lambda: _row(f"LoRA on {cfg.smaller}", None, first, r.eval(
-            "smaller", small, eval_f, r.train("smaller", small, train_f, eval_f, first)), train=work / "smaller")))
-    jobs.sort(key=lambda job: job_priority(job[0], cfg))
+    return jobs
 
+
+def _run_jobs(jobs: list[tuple[str, Any]], rows_dir: Path, report_only: bool, only: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run the unfinished jobs (those `only` names, none with `report_only`), each row saved as it finishes.
+
+    Returns:
+        (rows, names of the rows left unfinished).
+    """
     rows: list[dict[str, Any]] = []
     skipped_rows: list[str] = []
     for name, job in tqdm(jobs, desc="bench rows", unit="row"):
@@ -313,6 +351,11 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
             got = got if isinstance(got, list) else [got]
             write_json(f, got)
         rows += got
+    return rows, skipped_rows
+
+
+def _not_run(cfg: BenchConfig, base: str, skipped_rows: list[str]) -> dict[str, str]:
+    """The report's "not run" list: {what: why}."""
     skipped = dict(NOT_RUN)
     if not cfg.qlora:
         skipped["QLoRA (NF4 base)"] = "not in this preset (see the budget presets)"
@@ -324,16 +367,7 @@ def run_bench(output: str | Path, config: BenchConfig | None = None, command: st
         skipped["Offsite-style and pruning emulators"] = "not in this preset (see the qwen and small presets)"
     if skipped_rows:
         skipped["unfinished rows"] = ", ".join(skipped_rows) + " (not run; rerun without --report-only or --only to finish)"
-    report = {"base": base, "task": train_f, "eval_data": eval_f, "config": cfg, "command": command, "rows": rows,
-              "metric": rows[0].get("metric", "answer NLL") if rows else "answer NLL",
-              "not_run": skipped, "versions": versions(), "machine": machine(), "wall_seconds": round(watch.seconds, 1)}
-    _recovered(rows)
-    report["seed_spread"] = seed_spread(rows)
-    write_json(out / "report.json", to_jsonable(report))
-    (out / "report.md").write_text(format_report(report) + "\n")
-    _plot(rows, out / "quality_vs_memory.png")
-    print(watch.summary("bench", out))
-    return report
+    return skipped
 
 
 def reachable(base: str, method: str, ratio: float) -> bool:

@@ -373,6 +373,33 @@ def write_diffusers_lora(path: Path, tensors: dict[str, torch.Tensor], acfg: dic
     save_file(out, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)})
 
 
+def _inputs(adapter: str | Path, emulator: str | Path | None, base: str | Path | None
+            ) -> tuple[Path, dict[str, Any], Path, dict[str, Any], Path]:
+    """Find and check the correction's inputs: the adapter, the emulator it was trained on (given,
+    or named by the adapter's manifest or PEFT config) and that emulator's base.
+
+    Returns:
+        (adapter folder, its adapter_config, emulator folder, emulator manifest, base folder).
+    """
+    adapter = Path(adapter).expanduser().resolve()
+    acfg = _check_adapter(adapter)
+    amanifest = read_manifest(adapter) or {}
+    emu_dir = Path(emulator or amanifest.get("trained_on") or acfg.get("base_model_name_or_path") or "").expanduser()
+    emanifest = read_manifest(emu_dir) if emu_dir.is_dir() else None
+    if emanifest is None or emanifest.get("kind") != "emulator":
+        raise EmlocError(f"{emu_dir} is not an emulator folder; pass --emulator with the emulator the adapter was trained on")
+    if amanifest.get("trained_on_fingerprint") and amanifest["trained_on_fingerprint"] != emanifest.get("fingerprint"):
+        raise EmlocError(f"the adapter was trained on a different emulator than {emu_dir} (fingerprint mismatch); "
+                         "pass the emulator it was trained on")
+    if not amanifest.get("trained_on_fingerprint"):  # trained elsewhere (e.g. HF Trainer): PEFT records the model's path only
+        _check_foreign_adapter(acfg, emu_dir)
+    base_dir = resolve_model(base or emanifest["base"])
+    if fingerprint(base_dir) != emanifest["base_fingerprint"]:
+        raise EmlocError(f"{base_dir} is not the base model the emulator was built from (fingerprint mismatch); "
+                         f"pass --base with the model used in `emloc build`")
+    return adapter, acfg, emu_dir, emanifest, base_dir
+
+
 def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConfig | None = None, overwrite: bool = False,
                     *legacy: Any, emulator: str | Path | None = None, base: str | Path | None = None) -> Path:
     """Write a corrected copy of an emulator-trained adapter for the original model.
@@ -402,22 +429,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
         raise EmlocError(f"clamp L must be positive (got {cfg.clamp}); use 'none' to disable it")
     watch = Stopwatch()
     check_output(output, overwrite, (adapter, emulator, base))  # before any work; again below with the inputs found
-    adapter = Path(adapter).expanduser().resolve()
-    acfg = _check_adapter(adapter)
-    amanifest = read_manifest(adapter) or {}
-    emu_dir = Path(emulator or amanifest.get("trained_on") or acfg.get("base_model_name_or_path") or "").expanduser()
-    emanifest = read_manifest(emu_dir) if emu_dir.is_dir() else None
-    if emanifest is None or emanifest.get("kind") != "emulator":
-        raise EmlocError(f"{emu_dir} is not an emulator folder; pass --emulator with the emulator the adapter was trained on")
-    if amanifest.get("trained_on_fingerprint") and amanifest["trained_on_fingerprint"] != emanifest.get("fingerprint"):
-        raise EmlocError(f"the adapter was trained on a different emulator than {emu_dir} (fingerprint mismatch); "
-                         "pass the emulator it was trained on")
-    if not amanifest.get("trained_on_fingerprint"):  # trained elsewhere (e.g. HF Trainer): PEFT records the model's path only
-        _check_foreign_adapter(acfg, emu_dir)
-    base_dir = resolve_model(base or emanifest["base"])
-    if fingerprint(base_dir) != emanifest["base_fingerprint"]:
-        raise EmlocError(f"{base_dir} is not the base model the emulator was built from (fingerprint mismatch); "
-                         f"pass --base with the model used in `emloc build`")
+    adapter, acfg, emu_dir, emanifest, base_dir = _inputs(adapter, emulator, base)
     inputs = (adapter, emu_dir, base_dir)
     out_path = check_output(output, overwrite, inputs)
 

@@ -293,6 +293,52 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
     return layers
 
 
+def _save_rest(stream: StreamedModel, vision_prefix: str | None, vocab_format: str, path: Path,
+               weight_map: dict[str, str]) -> dict[str, Any] | None:
+    """Write every parameter outside the compressed stacks (embedding, norms, head) to `path`.
+
+    Returns the vocabulary entry of the manifest when the embedding and head are stored quantised.
+    """
+    rest = {name: p.detach().to("cpu").contiguous() for name, p in stream.model.named_parameters()
+            if not stream.inside(name) and not (vision_prefix and name.startswith(vision_prefix))}
+    vocab = None
+    if vocab_format != "keep":
+        codes, vocab = quantize_vocab(stream.model, vocab_format)
+        rest = {k: v for k, v in rest.items() if k not in (f"{vocab['embedding']}.weight", f"{vocab['head']}.weight")}
+        rest.update(codes)
+    save_finite(rest, path)
+    weight_map.update({k: path.name for k in rest})
+    return vocab
+
+
+def _totals(layers: dict[str, dict[str, Any]], total_params: int) -> dict[str, Any]:
+    """The manifest's parameter and byte counts over the compressed layers."""
+    before = sum(v["params_before"] for v in layers.values())
+    after = sum(v["params_after"] for v in layers.values())
+    dense_bytes = sum(BASE_BYTES * v["params_before"] for v in layers.values())
+    kept_bytes = sum(v["bytes"] for v in layers.values())
+    return {"params": {"base": total_params, "emulator": total_params - before + after,
+                       "compressed_layers_before": before, "compressed_layers_after": after},
+            # the block linears' bytes with float tensors counted in bfloat16 (what `ratio` means)
+            "bytes": {"block_linears_bf16": dense_bytes, "emulator_block_linears": kept_bytes,
+                      "fraction": kept_bytes / max(dense_bytes, 1)}}
+
+
+def _checked(cfg: EmulatorConfig, rules: list[tuple[Any, float]]) -> EmulatorConfig:
+    """`cfg` validated again (its fields may have been set after construction), with `method="auto"`
+    resolved so that the manifest records what was built; before any I/O."""
+    cfg = replace(cfg)  # reruns __post_init__
+    if cfg.method == "auto":
+        cfg = replace(cfg, method=resolve_method("auto", [r for _, r in rules]))
+        if cfg.allocation != "uniform" or not cfg.whiten:
+            cfg = replace(cfg, method="svd")  # options that exist for SVD only ask for SVD
+    if cfg.method in QUANT_METHODS and (cfg.allocation != "uniform" or not cfg.whiten):
+        raise EmlocError(f"--allocation and --no-whiten apply to --method svd only, not {cfg.method}")
+    if cfg.method not in ("svd", *QUANT_METHODS) and cfg.vocab_format != "keep":
+        raise EmlocError(f"--vocab-format applies to the svd and quant methods, not {cfg.method}")
+    return cfg
+
+
 def build_emulator(base: str | Path, calibration: str | Path, output: str | Path,
                    config: EmulatorConfig | None = None, overwrite: bool = False) -> Path:
     """Build an emulator of `base` calibrated on the user's downstream data.
@@ -312,41 +358,21 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     watch = Stopwatch()
     rules = _rules(cfg.ratio)
     targets = re.compile(cfg.targets) if cfg.targets else None
-    if cfg.batch_tokens < 1:
-        raise EmlocError(f"--batch-tokens must be at least 1 (got {cfg.batch_tokens})")
-    stats_dtype = parse_stats_dtype(cfg.stats_dtype)  # settings fail before any I/O
-    if cfg.method not in METHODS:
-        raise EmlocError(f"unknown emulator method {cfg.method!r}; use one of {', '.join(METHODS)}")
-    if cfg.rounding not in ROUNDINGS:
-        raise EmlocError(f"unknown rounding {cfg.rounding!r}; use one of {', '.join(ROUNDINGS)}")
-    if cfg.quant_format != "auto" and cfg.quant_format not in FORMATS:
-        raise EmlocError(f"unknown quantisation format {cfg.quant_format!r}; use auto, {', '.join(FORMATS)}")
-    if cfg.method == "auto":  # resolved once, so the manifest records what was built
-        cfg = replace(cfg, method=resolve_method("auto", [r for _, r in rules]))
-        if cfg.allocation != "uniform" or not cfg.whiten:
-            cfg = replace(cfg, method="svd")  # options that exist for SVD only ask for SVD
-    if cfg.method in QUANT_METHODS and (cfg.allocation != "uniform" or not cfg.whiten):
-        raise EmlocError(f"--allocation and --no-whiten apply to --method svd only, not {cfg.method}")
+    cfg = _checked(cfg, rules)
+    stats_dtype = parse_stats_dtype(cfg.stats_dtype)
     base_dir = resolve_model(base)
     out_path = check_output(output, overwrite, (base_dir, calibration))
     if cfg.method not in ("svd", *QUANT_METHODS):
         from .baselines import build_baseline
 
-        if cfg.vocab_format != "keep":
-            raise EmlocError(f"--vocab-format applies to the svd and quant methods, not {cfg.method}")
-
         if not Path(calibration).expanduser().is_file():
             raise EmlocError(f"calibration data {calibration} not found; give a JSONL file")
         return build_baseline(cfg.method, base_dir, Path(calibration).expanduser().resolve(), out_path, cfg, overwrite)
-    if cfg.allocation not in ALLOCATIONS:
-        raise EmlocError(f"unknown rank allocation {cfg.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
 
     # Calibration data, as the model's family reads it: a seeded draw of records (a denoiser's with
     # seeded noise and timesteps), optionally extended to a token target.
-    if cfg.samples < 1:
-        raise EmlocError(f"--samples must be at least 1 (got {cfg.samples})")
     ids, n_tokens = family_of(load_config(base_dir)).calibrate(base_dir, Path(calibration).expanduser(), asdict(cfg))
 
     stream = StreamedModel(base_dir)
@@ -383,24 +409,10 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             shard(n_vision + step.index, {step.prefix + k: v.detach().to("cpu").contiguous() for k, v in step.block.state_dict().items()})
             fault_point("build_block", step.index + 1)
 
-        rest_file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
-        rest = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
-                if not stream.inside(name) and not (vision_prefix and name.startswith(vision_prefix))}
-        vocab = None
-        if cfg.vocab_format != "keep":
-            codes, vocab = quantize_vocab(model, cfg.vocab_format)
-            rest = {k: v for k, v in rest.items() if k not in (f"{vocab['embedding']}.weight", f"{vocab['head']}.weight")}
-            rest.update(codes)
-        save_finite(rest, tmp / rest_file)
-        weight_map.update({k: rest_file for k in rest})
+        vocab = _save_rest(stream, vision_prefix, cfg.vocab_format, tmp / f"model-{n_files:05d}-of-{n_files:05d}.safetensors", weight_map)
         write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         shutil.copy2(base_dir / "config.json", tmp / "config.json")
         copy_tokenizer_files(base_dir, tmp)
-
-        before = sum(v["params_before"] for v in layers.values())
-        after = sum(v["params_after"] for v in layers.values())
-        dense_bytes = sum(BASE_BYTES * v["params_before"] for v in layers.values())
-        kept_bytes = sum(v["bytes"] for v in layers.values())
         manifest = {
             "kind": "emulator",
             "base": str(base_dir),
@@ -412,11 +424,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
             "config": cfg,
             "calibration": {"file": str(Path(calibration).expanduser().resolve()), "samples": len(ids),
                             "tokens": n_tokens, "widest_layer_input": width},
-            "params": {"base": total_params, "emulator": total_params - before + after,
-                       "compressed_layers_before": before, "compressed_layers_after": after},
-            # the block linears' bytes with float tensors counted in bfloat16 (what `ratio` means)
-            "bytes": {"block_linears_bf16": dense_bytes, "emulator_block_linears": kept_bytes,
-                      "fraction": kept_bytes / max(dense_bytes, 1)},
+            **_totals(layers, total_params),
             **({"vocab": vocab} if vocab else {}),
             "layers": layers,
             "versions": versions(),

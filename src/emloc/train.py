@@ -336,6 +336,29 @@ class _Loop:
             total = self.acc.reduce(total, reduction="sum")
         return float(total)
 
+    def run(self, train_ex: list, held: list, order: list[int], steps: range, rows: list[dict[str, Any]],
+            ckpt: Path, key: str) -> list[dict[str, Any]]:
+        """Train `steps` (global step numbers, from the resumed one to the last), appending one log row
+        per step to `rows` (evaluated on `held` every `eval_every` and at the end); checkpoints into `ckpt`."""
+        cfg = self.cfg
+        for step in tqdm(steps, desc="training LoRA", unit="step", disable=not self.acc.is_main_process,
+                         initial=steps.start, total=steps.stop):
+            step_start = time.perf_counter()
+            span = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            loss = self.step([train_ex[order[i]] for i in span], [cfg.seed * 1_000_003 + i for i in span])
+            row: dict[str, Any] = {"step": step + 1, "loss": round(loss, 6), "lr": self.sched.get_last_lr()[0],
+                                   "seconds": round(time.perf_counter() - step_start, 3)}  # the step alone, no eval
+            if not math.isfinite(row["loss"]):
+                raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
+            last = step + 1 == steps.stop
+            if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                row["eval_loss"] = round(eval_loss(self.model, held, self.micro, self.objective, self.device, self.acc), 6)
+            rows.append(row)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                self.save(ckpt, key, step + 1, rows)
+            fault_point("train_step", step + 1)
+        return rows
+
     def save(self, folder: Path, key: str, step: int, rows: list[dict[str, Any]]) -> None:
         adapter, optim = lora_state(self.raw), optimizer_state(self.raw, _torch_optimizer(self.opt))  # collectives
         rngs = _gather_rng(self.acc, self.device)
@@ -421,22 +444,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     if start:
         log.info("resuming from step %d of %d (%s)", start, steps, ckpt)
     loop_start = time.perf_counter()
-    for step in tqdm(range(start, steps), desc="training LoRA", unit="step", disable=not main, initial=start, total=steps):
-        step_start = time.perf_counter()
-        span = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        loss = loop.step([train_ex[order[i]] for i in span], [cfg.seed * 1_000_003 + i for i in span])
-        row: dict[str, Any] = {"step": step + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                               "seconds": round(time.perf_counter() - step_start, 3)}  # the step alone, no eval
-        if not math.isfinite(row["loss"]):
-            raise EmlocError(f"training loss became non-finite at step {step + 1}; lower --lr or use --dtype float32")
-        last = step + 1 == steps
-        if held and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            row["eval_loss"] = round(eval_loss(peft_model, held, loop.micro, objective, device, accelerator), 6)
-        log_rows.append(row)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            loop.save(ckpt, key, step + 1, log_rows)
-        fault_point("train_step", step + 1)
-
+    log_rows = loop.run(train_ex, held, order, range(start, steps), log_rows, ckpt, key)
     state = lora_state(raw)  # a collective under FSDP: every process gathers, the main one writes
     accelerator.wait_for_everyone()
     if main:
