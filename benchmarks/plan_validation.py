@@ -1,7 +1,7 @@
 """Check `emloc.plan.predict` against measured peak memory on CPU (SmolLM2-135M, fp32).
 
 Each scenario runs in its own Python process, one after another (never in parallel), with one
-torch thread; the child reports its own peak RSS (`ru_maxrss`) and the parent compares it with
+torch thread; the child reports its own peak RSS (`emloc.artifacts.peak_rss_mb`, VmHWM) and the parent compares it with
 `predict(..., PlanConfig(device="cpu", dtype="fp32", batch=8, seq_len=128, rank=8))`.
 
 Scenarios:
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -101,6 +100,7 @@ def child(scenario: str, folder: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     import emloc  # noqa: F401
+    from emloc.artifacts import peak_rss_mb
 
     out: dict = {"scenario": scenario, "rss_after_imports": _rss_now()}
     t0 = time.time()
@@ -156,7 +156,7 @@ def child(scenario: str, folder: Path) -> dict:
                 opt.zero_grad(set_to_none=True)
             out["loss"] = float(loss)
     out["seconds"] = round(time.time() - t0, 1)
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = peak_rss_mb() * 2**20  # this process only (ru_maxrss would carry the parent's at fork)
     return out
 
 

@@ -448,3 +448,20 @@ def test_stage_functions_take_the_previous_argument_order_with_a_warning(tmp_pat
     with pytest.warns(FutureWarning, match="old order"):  # (model, data, adapter, config, output, overwrite)
         evaluate(tiny_emulator, tiny_data, ad, EvalConfig(samples=2, device="cpu", exact_match=False), tmp_path / "e.json")
     assert json.loads((tmp_path / "e.json").read_text())["records"] == 2
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    # ru_maxrss carries over fork and exec: a bench child started while its parent held a converted
+    # 1.5B (8.8 GB) reported 8.8 GB for a 0.5B's training. The peak must be the child's own.
+    import subprocess
+    import sys
+
+    from emloc.artifacts import peak_memory_mb
+
+    held = bytearray(512 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page, so the parent's RSS holds them
+    code = "from emloc.artifacts import peak_memory_mb; print(peak_memory_mb()['peak_rss_mb'])"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak_memory_mb()["peak_rss_mb"] > 512
+    assert child < 256, f"the child reported {child} MB: its parent's memory"
+    del held

@@ -234,10 +234,27 @@ def fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started (or exec'd), in MB.
+
+    On Linux this is the address space's high-water mark (VmHWM), not `ru_maxrss`: the latter
+    carries over fork and exec, so a process started by a parent holding 8 GB reported at least
+    8 GB (measured: a child of a parent holding 1 GiB read ru_maxrss 1037 MB, VmHWM 13 MB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / 1024 if sys.platform != "darwin" else rss / 2**20, 1)
+
+
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process (and peak CUDA allocation, if any), in MB."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_mb": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
+    out = {"peak_rss_mb": peak_rss_mb()}
     try:
         import torch
 
