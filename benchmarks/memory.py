@@ -6,7 +6,8 @@ Rows: inference of the original (one forward at batch x seq-len with logits at e
 `model(input_ids)` returns them, and with last-position logits only, as `generate` prefills); LoRA training on the original; and for each ratio the EMLoC stages build, train (on the
 emulator), correct and merge. Training rows use the same batch and sequence length, plain text
 records of exactly seq-len tokens (loss on every token, the worst case for the loss). Peak RSS is
-read by the OS for each process (`/usr/bin/time`-style ru_maxrss of the child); on a GPU the
+read by the OS for each process (`/usr/bin/time`-style ru_maxrss of the child, which Linux starts
+at the parent's peak: the report records that floor as `parent_peak_rss_mb`); on a GPU the
 training manifests also carry torch.cuda.max_memory_allocated. The inference rows run on the first
 batch records of the same data (token ids written by the parent, so no tokenizer is loaded there).
 
@@ -86,12 +87,16 @@ def main() -> None:
         print(compare(json.loads(args.compare.read_text()), args.compare.parent))
         return
 
+    from emloc.artifacts import peak_rss_mb
     from emloc.models import resolve_model
     from transformers import AutoTokenizer
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
+    # a packaged model is converted on first use, in a process of its own: a child's ru_maxrss starts
+    # at its parent's peak (Linux keeps it over fork and exec), so the parent must stay small
+    subprocess.run([sys.executable, "-c", f"from emloc.models import resolve_model; resolve_model({args.base!r})"], check=True)
     base = resolve_model(args.base)
     tok = AutoTokenizer.from_pretrained(base)
     rng = random.Random(0)
@@ -154,7 +159,8 @@ def main() -> None:
     report = {"base": str(base), "batch": args.batch, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
               "micro_batch_size": int(micro), "device": args.device, "dtype": args.dtype, "samples": args.samples,
               "stats_dtype": args.stats_dtype, "vocab_used": vocab_used, "vocab_format": args.vocab_format,
-              "infer_vocab_used": infer_vocab_used, "command": " ".join(sys.argv), "rows": rows}
+              "infer_vocab_used": infer_vocab_used, "command": " ".join(sys.argv), "rows": rows,
+              "parent_peak_rss_mb": peak_rss_mb()}  # every row's floor (see the module docstring)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [f"`{report['command']}`", "", f"{Path(str(base)).name}, batch {args.batch} x {args.seq_len} tokens, "
              f"micro-batch {micro}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.device}", "",
