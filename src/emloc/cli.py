@@ -199,23 +199,9 @@ def cmd_bench(ns: argparse.Namespace) -> None:
     run_bench(out, cfg, command="emloc " + " ".join(ns.argv), report_only=ns.report_only, only=tuple(ns.only or ()))
 
 
-def make_parser() -> argparse.ArgumentParser:
-    from .correct import CorrectConfig
+def _build_flags(b: argparse.ArgumentParser) -> None:
     from .emulator import EmulatorConfig
-    from .evaluate import EvalConfig
-    from .plan import PlanConfig
-    from .train import TrainConfig
 
-    p = argparse.ArgumentParser(prog="emloc", description="Fine-tune a large model inside its inference memory (EMLoC).")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the final summary")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    def verb(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.set_defaults(fn=fn)
-        return sp
-
-    b = verb("build", cmd_build, "build an emulator of a base model, calibrated on downstream data")
     b.add_argument("--base", required=True, help="model folder or packaged model name (e.g. smollm2-135m)")
     b.add_argument("--calibration", help="JSONL downstream data to calibrate on (required)")
     b.add_argument("--output", required=True, help="emulator folder to create")
@@ -227,40 +213,54 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--plan-seq-len", type=int, default=2048, help="training sequence length assumed by --budget (default: 2048)")
     add_config_flags(b, EmulatorConfig, skip=("ratio",))
 
-    t = verb("train", cmd_train, "train a LoRA adapter on an emulator (or on any model, for comparison)")
+
+def _train_flags(t: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
     t.add_argument("--model", required=True, help="emulator folder (or model folder / packaged name)")
     t.add_argument("--data", required=True, help="JSONL training data")
     t.add_argument("--eval-data", help="JSONL held-out data (default: hold out --eval-fraction of --data)")
     t.add_argument("--output", required=True, help="adapter folder to create")
     add_config_flags(t, TrainConfig)
 
-    c = verb("correct", cmd_correct, "correct an emulator-trained adapter for the original model")
+
+def _correct_flags(c: argparse.ArgumentParser) -> None:
+    from .correct import CorrectConfig
+
     c.add_argument("--adapter", required=True, help="adapter trained on the emulator")
     c.add_argument("--output", required=True, help="corrected adapter folder to create")
     c.add_argument("--emulator", help="emulator the adapter was trained on (default: from the adapter)")
     c.add_argument("--base", help="original model (default: from the emulator's manifest)")
     add_config_flags(c, CorrectConfig)
 
-    m = verb("merge", cmd_merge, "merge an adapter into the original model's weights")
+
+def _merge_flags(m: argparse.ArgumentParser) -> None:
     m.add_argument("--adapter", required=True, help="corrected adapter (output of `emloc correct`)")
     m.add_argument("--output", required=True, help="merged model folder to create")
     m.add_argument("--base", help="original model (default: from the adapter)")
 
-    e = verb("eval", cmd_eval, "held-out answer NLL / perplexity and exact match")
+
+def _eval_flags(e: argparse.ArgumentParser) -> None:
+    from .evaluate import EvalConfig
+
     e.add_argument("--model", required=True, help="model folder, packaged name or emulator folder")
     e.add_argument("--data", required=True, help="JSONL held-out data")
     e.add_argument("--adapter", help="PEFT adapter to apply")
     e.add_argument("--output", help="JSON file for the results")
     add_config_flags(e, EvalConfig)
 
-    pl = verb("plan", cmd_plan, "predict each stage's peak memory from the model's config and pick a ratio")
+
+def _plan_flags(pl: argparse.ArgumentParser) -> None:
+    from .plan import PlanConfig
+
     pl.add_argument("--base", help="model folder (config.json is enough) or a converted packaged name (required)")
     pl.add_argument("--budget", help="memory of the compute device, e.g. 24GB (GB = 2^30 bytes)")
     pl.add_argument("--host-budget", help="host memory for correct/merge when --device cuda, e.g. 64GB")
     pl.add_argument("--ratios", help="comma-separated candidate ratios (default: 1,0.75,0.5,0.4,0.3,0.25,0.2,0.15,0.1)")
     add_config_flags(pl, PlanConfig, skip=("ratios", "budget", "host_budget"))
 
-    bn = verb("bench", cmd_bench, "run the side-by-side comparisons (each stage in its own process) and write a report")
+
+def _bench_flags(bn: argparse.ArgumentParser) -> None:
     bn.add_argument("--preset", default="smoke", help="smoke, small, qwen, bigger-in-budget, budget, budget-qwen, vlm or diffusion (default: smoke)")
     bn.add_argument("--output", help="report folder (default: ./bench-PRESET); finished rows are reused on a rerun")
     bn.add_argument("--steps", type=int, help="override the preset's training steps")
@@ -276,17 +276,19 @@ def make_parser() -> argparse.ArgumentParser:
     bn.add_argument("--eval-data", help="JSONL held-out data")
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
-    r = verb("run", cmd_run, "build -> train -> correct -> eval, with a comparison table (no arguments: the embedded demo)")
+
+def _run_flags(r: argparse.ArgumentParser) -> None:
+    """The pipeline's flags: a chosen few of each stage's, with the defaults of `RunConfig`."""
     from .pipeline import RunConfig
 
-    d_tr = RunConfig().train
+    d = RunConfig()
+    d_emu, d_tr, d_co = d.emulator, d.train, d.correct
     r.add_argument("--base", default="smollm2-135m", help="model folder or packaged name (default: smollm2-135m)")
     r.add_argument("--task", default="chatterbot-en", help="embedded task when --data is not given: chatterbot-en "
                    "(default) or chatterbot-topic")
     r.add_argument("--data", help="JSONL training data (default: the embedded --task)")
     r.add_argument("--eval-data", help="JSONL held-out data")
     r.add_argument("--output", default="emloc-run", help="run folder (default: ./emloc-run)")
-    d_emu = RunConfig().emulator
     r.add_argument("--ratio", default=str(d_emu.ratio), help=f"fraction of each layer's bytes to keep (default: {d_emu.ratio})")
     r.add_argument("--method", default=d_emu.method, help=f"emulator: svd, quant or svd+quant (default: {d_emu.method})")
     r.add_argument("--ratio-table", help="JSON/YAML list of [regex, ratio|skip] rules")
@@ -299,7 +301,6 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--micro-batch-size", type=int, default=d_tr.micro_batch_size, help="records per forward pass")
     r.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d_tr.gradient_checkpointing,
                    help=f"recompute block activations in training (default: {d_tr.gradient_checkpointing})")
-    d_co = RunConfig().correct
     r.add_argument("--mode", default=d_co.mode, help=f"correction: auto, weighted, paper or none (default: {d_co.mode})")
     r.add_argument("--clamp", type=_optional_float, default=d_co.clamp, help=f"clamp L of --mode paper, or none (default: {d_co.clamp:g})")
     r.add_argument("--eval-samples", type=int, default=None, help="evaluate at most this many held-out records")
@@ -307,12 +308,38 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    for name, sp in (("build", b), ("plan", pl)):
-        for old, new in RENAMED[name].items():
+
+
+# The verbs, in the order `emloc --help` lists them: name, function, help, flags, overwrite.
+# `overwrite`: how --overwrite reads for the verb (None: it writes no folder it could replace).
+VERBS: tuple[tuple[str, Callable[[argparse.Namespace], None], str, Callable[[argparse.ArgumentParser], None], str | None], ...] = (
+    ("build", cmd_build, "build an emulator of a base model, calibrated on downstream data", _build_flags,
+     "replace a non-empty output folder"),
+    ("train", cmd_train, "train a LoRA adapter on an emulator (or on any model, for comparison)", _train_flags,
+     "replace a non-empty output folder"),
+    ("correct", cmd_correct, "correct an emulator-trained adapter for the original model", _correct_flags,
+     "replace a non-empty output folder"),
+    ("merge", cmd_merge, "merge an adapter into the original model's weights", _merge_flags, "replace a non-empty output folder"),
+    ("eval", cmd_eval, "held-out answer NLL / perplexity and exact match", _eval_flags, "replace an existing --output file"),
+    ("plan", cmd_plan, "predict each stage's peak memory from the model's config and pick a ratio", _plan_flags, None),
+    ("bench", cmd_bench, "run the side-by-side comparisons (each stage in its own process) and write a report", _bench_flags, None),
+    ("run", cmd_run, "build -> train -> correct -> eval, with a comparison table (no arguments: the embedded demo)", _run_flags,
+     "replace a non-empty output folder"),
+)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emloc", description="Fine-tune a large model inside its inference memory (EMLoC).")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the final summary")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, fn, help, flags, overwrite in VERBS:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        flags(sp)
+        for old, new in RENAMED.get(name, {}).items():
             sp.add_argument(old, dest=f"renamed_{new}", help=argparse.SUPPRESS)
-    for sp in (b, t, c, m, r):  # plan writes nothing
-        sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+        if overwrite:
+            sp.add_argument("--overwrite", action="store_true", help=overwrite)
     return p
 
 
