@@ -22,6 +22,56 @@ from .models import (WeightStore, copy_tokenizer_files, empty_model, load_config
 MAX_SHARD_BYTES = 256 * 2**20
 
 
+class _ShardWriter:
+    """Collects tensors into output shards of about `max_bytes`, named like the model's library expects."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.written: list[tuple[Path, list[str]]] = []
+        self.chunk: dict[str, torch.Tensor] = {}
+        self.size = 0
+
+    def add(self, key: str, t: torch.Tensor) -> bool:
+        """Queue one tensor; True when that filled a shard and wrote it."""
+        self.chunk[key] = t
+        self.size += t.numel() * t.element_size()
+        if self.size < self.max_bytes:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if self.chunk:
+            path = self.folder / f"part-{len(self.written):05d}.safetensors"
+            save_finite(self.chunk, path)
+            self.written.append((path, list(self.chunk)))
+            fault_point("merge_shard", len(self.written))
+        self.chunk, self.size = {}, 0
+
+    def finish(self, stem: str) -> None:
+        """Rename the parts `{stem}-0000i-of-0000n` and write their index."""
+        self.flush()
+        n = len(self.written)
+        weight_map = {}
+        for i, (path, keys) in enumerate(self.written, 1):
+            final = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+        write_json(self.folder / f"{stem}.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+
+
+def _base_for(base: str | Path | None, adapter: Path) -> tuple[dict, Path]:
+    """The adapter's PEFT config and the base it merges into, refusing an uncorrected or mismatched adapter."""
+    acfg = _check_adapter(adapter)
+    amanifest = read_manifest(adapter) or {}
+    base_dir = resolve_model(base or amanifest.get("base") or acfg.get("base_model_name_or_path"))
+    if amanifest.get("kind") == "corrected_adapter" and fingerprint(base_dir) != amanifest.get("base_fingerprint"):
+        raise EmlocError(f"the adapter was corrected for a different base model than {base_dir}; pass the right --base")
+    if amanifest.get("kind") == "adapter" and amanifest.get("trained_on_kind") == "emulator":
+        raise EmlocError("this adapter was trained on an emulator; run `emloc correct` first and merge its output")
+    return acfg, base_dir
+
+
 def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Path, overwrite: bool = False,
                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `base` with `adapter` merged in: W <- W + s B A, in fp32, then cast back.
@@ -41,34 +91,15 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
     watch = Stopwatch()
     check_output(output, overwrite, (adapter, base))  # before any work; again below with the base found
     adapter = Path(adapter).expanduser().resolve()
-    acfg = _check_adapter(adapter)
-    amanifest = read_manifest(adapter) or {}
-    base_dir = resolve_model(base or amanifest.get("base") or acfg.get("base_model_name_or_path"))
-    if amanifest.get("kind") == "corrected_adapter" and fingerprint(base_dir) != amanifest.get("base_fingerprint"):
-        raise EmlocError(f"the adapter was corrected for a different base model than {base_dir}; pass the right --base")
-    if amanifest.get("kind") == "adapter" and amanifest.get("trained_on_kind") == "emulator":
-        raise EmlocError("this adapter was trained on an emulator; run `emloc correct` first and merge its output")
+    acfg, base_dir = _base_for(base, adapter)
     out_path = check_output(output, overwrite, (base_dir, adapter))
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     pending = {m: None for m in _lora_modules(tensors)}
     prefix = "base_model.model."
-    shards = weight_files(base_dir)
     renamed = WeightStore(base_dir).align(empty_model(load_config(base_dir))).model_names()
     with staged_output(out_path, overwrite, (base_dir, adapter)) as tmp:
-        written: list[tuple[Path, list[str]]] = []
-        chunk: dict[str, torch.Tensor] = {}
-        size = 0
-
-        def flush() -> None:
-            nonlocal chunk, size
-            if chunk:
-                path = tmp / f"part-{len(written):05d}.safetensors"
-                save_finite(chunk, path)
-                written.append((path, list(chunk)))
-                fault_point("merge_shard", len(written))
-            chunk, size = {}, 0
-
-        for shard in tqdm(shards, desc="merging", unit="shard"):
+        out = _ShardWriter(tmp, max_shard_bytes)
+        for shard in tqdm(weight_files(base_dir), desc="merging", unit="shard"):
             f = open_safetensors(shard)
             for key in f.keys():
                 t = read_tensor(f, shard, key)
@@ -79,22 +110,12 @@ def merge_adapter(base: str | Path | None, adapter: str | Path, output: str | Pa
                     b = tensors[f"{prefix}{mod}.lora_B.weight"].float()
                     t = (t.float() + scaling(acfg, mod, a.shape[0]) * (b @ a)).to(t.dtype)
                     del pending[mod]
-                chunk[key] = t
-                size += t.numel() * t.element_size()
-                if size >= max_shard_bytes:
-                    flush()
+                if out.add(key, t):
                     # reopening drops the pages of the memory map read so far from resident memory
                     f = open_safetensors(shard)
             del f
-        flush()
-        n = len(written)
-        weight_map = {}
-        stem = family_of(load_config(base_dir)).weights_stem  # what the model's library loads: model-*, diffusion_pytorch_model-*
-        for i, (path, keys) in enumerate(written, 1):
-            final = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(tmp / final)
-            weight_map.update({k: final for k in keys})
-        write_json(tmp / f"{stem}.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+        # what the model's library loads: model-*, diffusion_pytorch_model-*
+        out.finish(family_of(load_config(base_dir)).weights_stem)
         if pending:
             raise EmlocError(f"the adapter targets {next(iter(pending))}, which {base_dir} does not have; pass the right --base")
         shutil.copy2(base_dir / "config.json", tmp / "config.json")
