@@ -400,6 +400,47 @@ def _inputs(adapter: str | Path, emulator: str | Path | None, base: str | Path |
     return adapter, acfg, emu_dir, emanifest, base_dir
 
 
+def _mode_for(cfg: CorrectConfig, emanifest: dict, emu_dir: Path) -> CorrectConfig:
+    """The settings as they apply to this emulator: a quantised or pruned one is mapped without correction."""
+    method = emanifest.get("method", "svd")
+    if method != "svd" and cfg.mode not in ("none", "auto"):
+        raise EmlocError(f"{emu_dir} is a {method} emulator; its adapters are mapped onto the original without "
+                         "correction: use --mode none")
+    if method != "svd":
+        return replace(cfg, mode="none")
+    ecfg = emanifest.get("config", {})
+    if cfg.mode == "weighted" and (ecfg.get("sequential") or ecfg.get("whiten") is False):
+        # measured on the small bench: weighted removes the emulator's error as the original's
+        # inputs see it, which these emulators never minimised; it undid most of the adapter there
+        log.warning("%s was built with %s; the weighted correction measured far worse than none on such emulators; "
+                    "prefer --mode auto", emu_dir, "--sequential" if ecfg.get("sequential") else "--no-whiten")
+    return cfg
+
+
+def _corrected(cfg: CorrectConfig, tensors: dict[str, torch.Tensor], modules: list[str], acfg: dict, emanifest: dict,
+               base_dir: Path, stores: tuple, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict, str, dict[str, float] | None]:
+    """The corrected LoRA tensors (named for the original), the per-layer report, the mode used and,
+    for `auto`, each candidate's held-out NLL."""
+    selection: dict[str, float] | None = None
+    chosen = cfg.mode
+    if cfg.mode == "auto":
+        from .selection import select_correction
+
+        candidates = {m: _correct_tensors(m, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
+                      for m in ("none", "weighted", "paper")}
+        chosen, selection = select_correction({m: c[0] for m, c in candidates.items()}, acfg, base_dir, emanifest, cfg)
+        new, report = candidates[chosen]
+        log.info("auto: chose %s (NLL on %d records outside the calibration draw: %s)", chosen, cfg.select_records,
+                 ", ".join(f"{k} {v:.4f}" for k, v in selection.items()))
+    else:
+        new, report = _correct_tensors(cfg.mode, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
+    if emanifest.get("method", "svd") != "svd":
+        from .baselines import to_original
+
+        new = to_original(new, emanifest)
+    return new, report, chosen, selection
+
+
 def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConfig | None = None, overwrite: bool = False,
                     *legacy: Any, emulator: str | Path | None = None, base: str | Path | None = None) -> Path:
     """Write a corrected copy of an emulator-trained adapter for the original model.
@@ -433,18 +474,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
     inputs = (adapter, emu_dir, base_dir)
     out_path = check_output(output, overwrite, inputs)
 
-    method = emanifest.get("method", "svd")
-    if method != "svd" and cfg.mode not in ("none", "auto"):
-        raise EmlocError(f"{emu_dir} is a {method} emulator; its adapters are mapped onto the original without "
-                         "correction: use --mode none")
-    if method != "svd":
-        cfg = replace(cfg, mode="none")
-    ecfg = emanifest.get("config", {})
-    if cfg.mode == "weighted" and (ecfg.get("sequential") or ecfg.get("whiten") is False):
-        # measured on the small bench: weighted removes the emulator's error as the original's
-        # inputs see it, which these emulators never minimised; it undid most of the adapter there
-        log.warning("%s was built with %s; the weighted correction measured far worse than none on such emulators; "
-                    "prefer --mode auto", emu_dir, "--sequential" if ecfg.get("sequential") else "--no-whiten")
+    cfg = _mode_for(cfg, emanifest, emu_dir)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     modules = _lora_modules(tensors)
@@ -452,23 +482,7 @@ def correct_adapter(adapter: str | Path, output: str | Path, config: CorrectConf
         raise EmlocError(f"{adapter} holds no LoRA weights")
     skeleton = empty_model(load_config(base_dir))  # meta device: names only, no memory
     stores = (WeightStore(base_dir).align(skeleton), WeightStore(emu_dir))
-    selection: dict[str, float] | None = None
-    chosen = cfg.mode
-    if cfg.mode == "auto":
-        from .selection import select_correction
-
-        candidates = {m: _correct_tensors(m, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
-                      for m in ("none", "weighted", "paper")}
-        chosen, selection = select_correction({m: c[0] for m, c in candidates.items()}, acfg, base_dir, emanifest, cfg)
-        new, report = candidates[chosen]
-        log.info("auto: chose %s (NLL on %d records outside the calibration draw: %s)", chosen, cfg.select_records,
-                 ", ".join(f"{k} {v:.4f}" for k, v in selection.items()))
-    else:
-        new, report = _correct_tensors(cfg.mode, cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
-    if method != "svd":
-        from .baselines import to_original
-
-        new = to_original(new, emanifest)
+    new, report, chosen, selection = _corrected(cfg, tensors, modules, acfg, emanifest, base_dir, stores, dtype)
     with staged_output(out_path, overwrite, inputs) as tmp:
         save_finite({k: v.contiguous() for k, v in new.items()}, tmp / ADAPTER_WEIGHTS)
         fault_point("correct_write", 1)

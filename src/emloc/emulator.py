@@ -339,6 +339,24 @@ def _checked(cfg: EmulatorConfig, rules: list[tuple[Any, float]]) -> EmulatorCon
     return cfg
 
 
+def _widest_input(plan: dict[str, dict[str, Any]], n_tokens: int) -> int:
+    """The widest compressed layer's input, with a warning when the calibration has fewer tokens."""
+    width = max((p["in_features"] for p in plan.values() if p["rank"] is not None), default=0)
+    if n_tokens < width:
+        log.warning("calibration holds %d tokens, fewer than the widest layer input (%d): the statistics are rank-deficient "
+                    "and the emulator will overfit them; use more samples or --calibration-tokens %d", n_tokens, width, 8 * width)
+    return width
+
+
+def _build_baseline(base_dir: Path, calibration: str | Path, out_path: Path, cfg: EmulatorConfig, overwrite: bool) -> Path:
+    """A structural emulator (layer drop, channel pruning): `emloc.baselines` builds it."""
+    from .baselines import build_baseline
+
+    if not Path(calibration).expanduser().is_file():
+        raise EmlocError(f"calibration data {calibration} not found; give a JSONL file")
+    return build_baseline(cfg.method, base_dir, Path(calibration).expanduser().resolve(), out_path, cfg, overwrite)
+
+
 def build_emulator(base: str | Path, calibration: str | Path, output: str | Path,
                    config: EmulatorConfig | None = None, overwrite: bool = False) -> Path:
     """Build an emulator of `base` calibrated on the user's downstream data.
@@ -363,11 +381,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     base_dir = resolve_model(base)
     out_path = check_output(output, overwrite, (base_dir, calibration))
     if cfg.method not in ("svd", *QUANT_METHODS):
-        from .baselines import build_baseline
-
-        if not Path(calibration).expanduser().is_file():
-            raise EmlocError(f"calibration data {calibration} not found; give a JSONL file")
-        return build_baseline(cfg.method, base_dir, Path(calibration).expanduser().resolve(), out_path, cfg, overwrite)
+        return _build_baseline(base_dir, calibration, out_path, cfg, overwrite)
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
 
@@ -384,10 +398,7 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
     if cfg.vocab_format != "keep":
         vocab_modules(model)  # a model without a token embedding and a linear head fails before anything is written
     vision_prefix = vision[0] + "." if vision_plan else None
-    width = max((p["in_features"] for p in plan.values() if p["rank"] is not None), default=0)
-    if n_tokens < width:
-        log.warning("calibration holds %d tokens, fewer than the widest layer input (%d): the statistics are rank-deficient "
-                    "and the emulator will overfit them; use more samples or --calibration-tokens %d", n_tokens, width, 8 * width)
+    width = _widest_input(plan, n_tokens)
 
     layers: dict[str, dict[str, Any]] = {}
     n_vision = len(vision[1]) if vision and vision_plan else 0
@@ -413,25 +424,16 @@ def build_emulator(base: str | Path, calibration: str | Path, output: str | Path
         write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         shutil.copy2(base_dir / "config.json", tmp / "config.json")
         copy_tokenizer_files(base_dir, tmp)
-        manifest = {
-            "kind": "emulator",
-            "base": str(base_dir),
-            "base_fingerprint": fingerprint(base_dir),
-            "fingerprint": fingerprint(tmp),
-            "family": family_of(model.config).name,
-            "blocks": stream.blocks_name,
+        write_json(tmp / MANIFEST, {
+            "kind": "emulator", "base": str(base_dir), "base_fingerprint": fingerprint(base_dir), "fingerprint": fingerprint(tmp),
+            "family": family_of(model.config).name, "blocks": stream.blocks_name,
             **({"vision_blocks": vision[0]} if vision and vision_plan else {}),
             "config": cfg,
             "calibration": {"file": str(Path(calibration).expanduser().resolve()), "samples": len(ids),
                             "tokens": n_tokens, "widest_layer_input": width},
-            **_totals(layers, total_params),
-            **({"vocab": vocab} if vocab else {}),
-            "layers": layers,
-            "versions": versions(),
-            "wall_seconds": round(watch.seconds, 1),
-            **peak_memory_mb(),
-        }
-        write_json(tmp / MANIFEST, manifest)
+            **_totals(layers, total_params), **({"vocab": vocab} if vocab else {}), "layers": layers,
+            "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
+        })
     print(watch.summary("build", out_path))
     return out_path
 

@@ -385,6 +385,38 @@ def _torch_optimizer(opt):
     return getattr(opt, "optimizer", opt)  # accelerate's wrapper holds the torch optimizer
 
 
+def _load(model: str | Path, cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Path, dict | None, Any]:
+    """The frozen model, its folder, its manifest (an emulator's, or None) and its family's objective."""
+    model_path = Path(str(model)).expanduser()
+    net = load_model(model, device=str(device), dtype=cfg.dtype, quantize=cfg.quantize)
+    source = read_manifest(model_path) if model_path.is_dir() else None
+    model_dir = Path(net.name_or_path)
+    return net, model_dir, source, family_of(load_config(model_dir)).objective_for(model_dir, cfg)
+
+
+def _provenance(model_dir: Path, source: dict | None, cfg: TrainConfig, data: str | Path, eval_data: str | Path | None) -> dict:
+    """The adapter manifest's inputs: what it was trained on (and that model's base) and with what."""
+    return {
+        "kind": "adapter",
+        "trained_on": str(model_dir),
+        "trained_on_kind": source.get("kind") if source else "base",
+        "trained_on_fingerprint": fingerprint(model_dir),
+        "base": source.get("base") if source and source.get("kind") == "emulator" else str(model_dir),
+        "config": cfg,
+        "data": str(Path(data).expanduser().resolve()),
+        "eval_data": str(Path(eval_data).expanduser().resolve()) if eval_data else None,
+    }
+
+
+def _model_size(raw: torch.nn.Module, n_trainable: int) -> dict[str, int]:
+    return {
+        "trainable_params": n_trainable,
+        "model_params": sum(p.numel() for p in raw.parameters()) - n_trainable,  # DTensors count their full size
+        # frozen weights as held: parameters and buffers (a quantised emulator's codes are buffers)
+        "model_bytes": sum(t.numel() * t.element_size() for t in (*raw.parameters(), *raw.buffers()) if not t.requires_grad),
+    }
+
+
 def train_adapter(model: str | Path, data: str | Path, output: str | Path, config: TrainConfig | None = None,
                   overwrite: bool = False, *legacy: Any, eval_data: str | Path | None = None) -> Path:
     """Train a LoRA adapter on a frozen model and save it as a standard PEFT adapter folder.
@@ -418,11 +450,7 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
     if cfg.fsdp and world == 1:
         log.warning("--fsdp has nothing to shard over with one process; training unsharded")
 
-    model_path = Path(str(model)).expanduser()
-    net = load_model(model, device=str(device), dtype=cfg.dtype, quantize=cfg.quantize)
-    source = read_manifest(model_path) if model_path.is_dir() else None
-    model_dir = Path(net.name_or_path)
-    objective = family_of(load_config(model_dir)).objective_for(model_dir, cfg)
+    net, model_dir, source, objective = _load(model, cfg, device)
     train_ex, held = _split(objective.load(data), objective.load(eval_data) if eval_data is not None else None, cfg)
     steps = cfg.steps if cfg.steps else max(1, math.ceil(cfg.epochs * len(train_ex) / cfg.batch_size))
 
@@ -452,24 +480,12 @@ def train_adapter(model: str | Path, data: str | Path, output: str | Path, confi
             raw.save_pretrained(tmp, state_dict=state)
             (tmp / "loss_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             _plot_losses(log_rows, tmp / "loss.png", objective.label)
+            seconds_per_step = (time.perf_counter() - loop_start) / max(1, steps - start)
             write_json(tmp / MANIFEST, {
-                "kind": "adapter",
-                "trained_on": str(model_dir),
-                "trained_on_kind": source.get("kind") if source else "base",
-                "trained_on_fingerprint": fingerprint(model_dir),
-                "base": source.get("base") if source and source.get("kind") == "emulator" else str(model_dir),
-                "config": cfg,
-                "data": str(Path(data).expanduser().resolve()),
-                "eval_data": str(Path(eval_data).expanduser().resolve()) if eval_data else None,
-                "train_records": len(train_ex), "eval_records": len(held),
-                "steps": steps, "trainable_params": n_trainable,
-                "model_params": sum(p.numel() for p in raw.parameters()) - n_trainable,  # DTensors count their full size
-                # frozen weights as held: parameters and buffers (a quantised emulator's codes are buffers)
-                "model_bytes": sum(t.numel() * t.element_size() for t in (*raw.parameters(), *raw.buffers())
-                                   if not t.requires_grad),
+                **_provenance(model_dir, source, cfg, data, eval_data), "train_records": len(train_ex), "eval_records": len(held),
+                "steps": steps, **_model_size(raw, n_trainable),
                 "final_loss": log_rows[-1]["loss"], "final_eval_loss": log_rows[-1].get("eval_loss"),
-                "processes": world, "sharded": sharded,
-                "seconds_per_step": round((time.perf_counter() - loop_start) / max(1, steps - start), 3),
+                "processes": world, "sharded": sharded, "seconds_per_step": round(seconds_per_step, 3),
                 "versions": versions(), "wall_seconds": round(watch.seconds, 1), **peak_memory_mb(),
             })
         shutil.rmtree(ckpt, ignore_errors=True)  # the finished adapter supersedes it
