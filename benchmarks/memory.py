@@ -62,8 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
-    ap.add_argument("--methods", nargs="+", default=["svd"], help="emulator methods (svd, quant, svd+quant); "
-                    "correct and merge run for svd only")
+    ap.add_argument("--methods", nargs="*", default=["svd"], help="emulator methods (svd, quant, svd+quant); "
+                    "correct and merge run for svd only; none given: the original's rows only")
     ap.add_argument("--qlora", action="store_true", help="add LoRA training on an NF4 copy of the original (bitsandbytes)")
     ap.add_argument("--vocab-format", default="keep", help="the emulators' embedding and head: keep, int8 or nf4 "
                     "(emloc build --vocab-format)")
@@ -99,16 +99,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"from emloc.models import resolve_model; resolve_model({args.base!r})"], check=True)
     base = resolve_model(args.base)
     tok = AutoTokenizer.from_pretrained(base)
-    rng = random.Random(0)
-    vocab = [t for t in tok.get_vocab() if t.isalpha() and len(t) > 3][:5000]
-    data = out / "text.jsonl"
-    with data.open("w") as f:
-        for _ in range(max(args.samples, args.batch * args.steps)):
-            words = []
-            while len(tok(" ".join(words))["input_ids"]) < args.seq_len:
-                words += [rng.choice(vocab) for _ in range(32)]
-            ids = tok(" ".join(words))["input_ids"][: args.seq_len]
-            f.write(json.dumps({"text": tok.decode(ids)}) + "\n")
+    data = write_text_records(out / "text.jsonl", tok, max(args.samples, args.batch * args.steps), args.seq_len)
     vocab_used, infer_ids = data_ids(data, tok, args.batch, args.seq_len)
     infer_vocab_used = len({i for row in infer_ids for i in row})  # the inference rows read only these
     ids_file = out / "infer_ids.json"
@@ -136,24 +127,9 @@ def main() -> None:
     if args.qlora:
         add("QLoRA train (NF4 original)", None, emloc + ["train", "--model", str(base), "--data", str(data), "--output",
                                                           str(work / "qlora"), "--quantize", "nf4", *train_flags])
-    from emloc.bench import reachable
-
-    for method in args.methods:
-        tag = "" if method == "svd" else f" [{method}]"
-        for r in args.ratios:
-            if not reachable(str(base), method, r):
-                continue
-            emu, ad, cor, mer = (work / f"{n}-{r}{tag.strip(' []')}" for n in ("emulator", "adapter", "corrected", "merged"))
-            if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
-                add("EMLoC build" + tag, r, emloc + ["build", "--base", str(base), "--calibration", str(data), "--output", str(emu), "--method",
-                                                     method, "--ratio", str(r), "--samples", str(args.samples), "--max-length",
-                                                     str(args.seq_len + 8), "--overwrite", "--stats-dtype", args.stats_dtype,
-                                                     "--vocab-format", args.vocab_format, *dev])
-            add("EMLoC train (emulator)" + tag, r, emloc + ["train", "--model", str(emu), "--data", str(data), "--output", str(ad), *train_flags])
-            if method == "svd":
-                add("EMLoC correct", r, emloc + ["correct", "--adapter", str(ad), "--output", str(cor), "--overwrite"])
-                add("EMLoC merge", r, emloc + ["merge", "--adapter", str(cor), "--output", str(mer), "--overwrite"])
-    infer = rows[0]["peak_rss_mb"] if rows[0]["stage"].startswith("inference") else None
+    for stage, r, cmd in emulator_stages(args, str(base), data, work, emloc, dev, train_flags):
+        add(stage, r, cmd)
+    infer = rows[0]["peak_rss_mb"] if rows and rows[0]["stage"].startswith("inference") else None
     for row in rows:
         row["vs_inference"] = round(row["peak_rss_mb"] / infer, 3) if infer else None
     report = {"base": str(base), "batch": args.batch, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
@@ -162,15 +138,59 @@ def main() -> None:
               "infer_vocab_used": infer_vocab_used, "command": " ".join(sys.argv), "rows": rows,
               "parent_peak_rss_mb": peak_rss_mb()}  # every row's floor (see the module docstring)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"`{report['command']}`", "", f"{Path(str(base)).name}, batch {args.batch} x {args.seq_len} tokens, "
-             f"micro-batch {micro}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.device}", "",
-             "| stage | ratio | peak RSS (MB) | vs inference | wall (s) |", "|---|---|---|---|---|"]
-    for row in rows:
+    text = markdown(report)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+
+
+def emulator_stages(args: argparse.Namespace, base: str, data: Path, work: Path, emloc: list[str], dev: list[str],
+                    train_flags: list[str]) -> list[tuple[str, float, list[str]]]:
+    """(stage, ratio, command) of each emulator's build (unless reused), training and, for svd, correct and merge."""
+    from emloc.bench import reachable
+
+    stages = []
+    for method in args.methods:
+        tag = "" if method == "svd" else f" [{method}]"
+        for r in args.ratios:
+            if not reachable(base, method, r):
+                continue
+            emu, ad, cor, mer = (work / f"{n}-{r}{tag.strip(' []')}" for n in ("emulator", "adapter", "corrected", "merged"))
+            if not (args.reuse_emulators and (emu / "manifest.json").is_file()):
+                stages.append(("EMLoC build" + tag, r, emloc + [
+                    "build", "--base", base, "--calibration", str(data), "--output", str(emu), "--method", method, "--ratio", str(r),
+                    "--samples", str(args.samples), "--max-length", str(args.seq_len + 8), "--overwrite",
+                    "--stats-dtype", args.stats_dtype, "--vocab-format", args.vocab_format, *dev]))
+            stages.append(("EMLoC train (emulator)" + tag, r, emloc + ["train", "--model", str(emu), "--data", str(data),
+                                                                        "--output", str(ad), *train_flags]))
+            if method == "svd":
+                stages.append(("EMLoC correct", r, emloc + ["correct", "--adapter", str(ad), "--output", str(cor), "--overwrite"]))
+                stages.append(("EMLoC merge", r, emloc + ["merge", "--adapter", str(cor), "--output", str(mer), "--overwrite"]))
+    return stages
+
+
+def write_text_records(path: Path, tok, n: int, seq_len: int) -> Path:
+    """`n` plain-text records of exactly `seq_len` tokens of random words (loss on every token)."""
+    rng = random.Random(0)
+    vocab = [t for t in tok.get_vocab() if t.isalpha() and len(t) > 3][:5000]
+    with path.open("w") as f:
+        for _ in range(n):
+            words: list[str] = []
+            while len(tok(" ".join(words))["input_ids"]) < seq_len:
+                words += [rng.choice(vocab) for _ in range(32)]
+            ids = tok(" ".join(words))["input_ids"][:seq_len]
+            f.write(json.dumps({"text": tok.decode(ids)}) + "\n")
+    return path
+
+
+def markdown(report: dict) -> str:
+    """The report's rows as a table, then `emloc plan`'s predictions beside them."""
+    lines = [f"`{report['command']}`", "", f"{Path(report['base']).name}, batch {report['batch']} x {report['seq_len']} tokens, "
+             f"micro-batch {report['micro_batch_size']}, gradient checkpointing {'on' if report['gradient_checkpointing'] else 'off'}, "
+             f"{report['device']}", "", "| stage | ratio | peak RSS (MB) | vs inference | wall (s) |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
         lines.append(f"| {row['stage']} | {row['ratio'] if row['ratio'] is not None else '-'} | {row['peak_rss_mb']:.0f} | "
                      f"{row['vs_inference'] or float('nan'):.2f} | {row['wall_seconds']:.0f} |")
-    lines += ["", compare(report)]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines + ["", compare(report)])
 
 
 def data_ids(data: Path, tok, batch: int, seq_len: int) -> tuple[int, list[list[int]]]:
