@@ -401,7 +401,8 @@ def _inputs(adapter: str | Path, emulator: str | Path | None, base: str | Path |
 
 
 def _mode_for(cfg: CorrectConfig, emanifest: dict, emu_dir: Path) -> CorrectConfig:
-    """The settings as they apply to this emulator: a quantised or pruned one is mapped without correction."""
+    """The settings as they apply to this emulator: a structural one (layer drop, channel pruning; its
+    manifest's `method`) is mapped onto the original without correction."""
     method = emanifest.get("method", "svd")
     if method != "svd" and cfg.mode not in ("none", "auto"):
         raise EmlocError(f"{emu_dir} is a {method} emulator; its adapters are mapped onto the original without "
