@@ -215,9 +215,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--only", help="comma-separated scenarios (default: %s)" % ",".join(DEFAULT_SCENARIOS))
     ap.add_argument("--output", type=Path, default=Path("reports/cuda-memory"))
+    ap.add_argument("--row-block-entries", type=int, help="set emloc.quant.ROW_BLOCK_ENTRIES (entries of one rebuilt "
+                    "slice of a quantised weight) in every scenario")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
+        if args.row_block_entries:
+            import emloc.quant
+
+            emloc.quant.ROW_BLOCK_ENTRIES = args.row_block_entries
         print(json.dumps(child(args.shape, args.child, args.device, args.batch, args.seq_len, args.steps)))
         return
     args.output.mkdir(parents=True, exist_ok=True)
@@ -226,6 +232,7 @@ def main() -> None:
     for s in (args.only.split(",") if args.only else DEFAULT_SCENARIOS):  # strictly one process at a time
         cmd = [sys.executable, __file__, "--child", s, "--shape", args.shape, "--device", args.device,
                "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+        cmd += ["--row-block-entries", str(args.row_block_entries)] if args.row_block_entries else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             results.append({"scenario": s, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"})

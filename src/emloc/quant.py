@@ -20,6 +20,7 @@ function that keeps only the codes for the backward pass, so activations never h
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -196,14 +197,21 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, n: 
     if fmt.name == "int8":  # level = (code - 127) / 127
         return packed.to(dtype).sub_(127).mul_(scales.to(dtype) / 127)
     # one lookup per byte into a 256 x 2 table of (low, high) levels: no unpacked codes, half the lookups
-    b = torch.arange(256, device=packed.device)
-    levels = fmt.levels(dtype, packed.device)
-    w = F.embedding(packed.int(), torch.stack((levels[b & 15], levels[b >> 4]), dim=1)).view(m, -1)
+    w = F.embedding(packed.int(), _pair_table(fmt, dtype, packed.device)).view(m, -1)
     g = fmt.group or n
     if n % g == 0 and w.shape[1] == n:
         w.view(m, n // g, g).mul_(scales.to(dtype)[:, :, None])
         return w
     return w[:, :n] * scales.to(dtype).repeat_interleave(g, dim=1)[:, :n]
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_table(fmt: QuantFormat, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """256 x 2: the (low, high) 4-bit levels of every byte. Cached: made per call, its copy from the
+    host would synchronise a GPU in every layer's forward and backward."""
+    b = torch.arange(256, device=device)
+    levels = fmt.levels(dtype, device)
+    return torch.stack((levels[b & 15], levels[b >> 4]), dim=1)
 
 
 class _FrozenLinear(torch.autograd.Function):
