@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--only", help="comma-separated scenarios (default: %s)" % ",".join(DEFAULT_SCENARIOS))
     ap.add_argument("--output", type=Path, default=Path("reports/cuda-memory"))
-    ap.add_argument("--row-block-entries", type=int, help="set emloc.quant.ROW_BLOCK_ENTRIES (entries of one rebuilt "
+    ap.add_argument("--row-block-entries", type=int, help="set emloc.quant.ROW_BLOCK_ENTRIES on every device (entries of one rebuilt "
                     "slice of a quantised weight) in every scenario")
     ap.add_argument("--child")
     args = ap.parse_args()
@@ -223,7 +223,7 @@ def main() -> None:
         if args.row_block_entries:
             import emloc.quant
 
-            emloc.quant.ROW_BLOCK_ENTRIES = args.row_block_entries
+            emloc.quant.ROW_BLOCK_ENTRIES.update(dict.fromkeys(emloc.quant.ROW_BLOCK_ENTRIES, args.row_block_entries))
         print(json.dumps(child(args.shape, args.child, args.device, args.batch, args.seq_len, args.steps)))
         return
     args.output.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@
 The input needs its gradient and the layer is frozen, as in LoRA training: the backward is the input
 gradient only (`QuantLinear.transposed_map`, which rebuilds the weight again). Random codes and
 scales (speed only). Each variant: median of 10 timed forward+backward calls after 3 warm-ups,
-synchronised. `--row-block-entries` values set `emloc.quant.ROW_BLOCK_ENTRIES` (entries of one
-rebuilt slice of the weight) for the quantised variants. Prints a markdown table; nothing asserted.
+synchronised. `--row-block-entries` values set `emloc.quant.ROW_BLOCK_ENTRIES` on every device
+(entries of one rebuilt slice of the weight) for the quantised variants. Prints a markdown table; nothing asserted.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="27648x5120", help="out x in")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--row-block-entries", type=int, nargs="+", default=[q.ROW_BLOCK_ENTRIES, 1 << 30])
+    ap.add_argument("--row-block-entries", type=int, nargs="+", default=[q.ROW_BLOCK_ENTRIES["cpu"], q.ROW_BLOCK_ENTRIES["cuda"]])
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top operators for each quantised variant")
     args = ap.parse_args()
     m, n = (int(v) for v in args.shape.split("x"))
@@ -59,14 +59,14 @@ def main() -> None:
     rows = ["| layer | row block entries | ms per forward+backward | vs dense |", "|---|---:|---:|---:|"]
     base = _time(step(dense), dev)
     rows.append(f"| dense bf16 {m}x{n} | - | {base * 1e3:.2f} | 1.00 |")
-    default = q.ROW_BLOCK_ENTRIES
+    default = dict(q.ROW_BLOCK_ENTRIES)
     for fmt in ("int8", "nf4"):
         layer = q.QuantLinear(n, m, fmt, 0, bias=False, device=dev, dtype=dt)
         with torch.no_grad():
             layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, device=dev, generator=g))
             layer.scales.uniform_(0.01, 0.03)
         for entries in args.row_block_entries:
-            q.ROW_BLOCK_ENTRIES = entries
+            q.ROW_BLOCK_ENTRIES.update(dict.fromkeys(default, entries))
             t = _time(step(layer), dev)
             rows.append(f"| {fmt} {m}x{n} | {entries} | {t * 1e3:.2f} | {t / base:.2f} |")
             if args.profile:
@@ -79,7 +79,7 @@ def main() -> None:
                         torch.cuda.synchronize()
                 key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
                 print(f"## {fmt}, {entries} entries\n{prof.key_averages().table(sort_by=key, row_limit=12)}")
-        q.ROW_BLOCK_ENTRIES = default
+        q.ROW_BLOCK_ENTRIES.update(default)
     print(f"# {args.tokens} tokens, bf16, {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'})")
     print("\n".join(rows))
 

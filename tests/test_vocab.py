@@ -66,7 +66,7 @@ def test_row_blocked_head_equals_one_block(monkeypatch):
     torch.nn.init.normal_(layer.bias)
     x, g = torch.randn(3, 4, 16), torch.randn(3, 4, 50)
     whole = layer.linear_map(x), layer.transposed_map(g)
-    monkeypatch.setattr(quant, "ROW_BLOCK_ENTRIES", 16 * 7)  # blocks of 7 rows, the last one short
+    monkeypatch.setitem(quant.ROW_BLOCK_ENTRIES, "cpu", 16 * 7)  # blocks of 7 rows, the last one short
     assert len(layer.row_blocks()) == 8
     torch.testing.assert_close(layer.linear_map(x), whole[0])
     torch.testing.assert_close(layer.transposed_map(g), whole[1])
@@ -76,7 +76,7 @@ def test_chunked_loss_through_a_quantised_head_equals_full_logits(untied_base, t
     emu = build_emulator(untied_base, tiny_data, tmp_path / "emu",
                          EmulatorConfig(ratio=0.5, method="quant", samples=16, device="cpu", vocab_format="nf4"))
     model = load_emulator(emu, device="cpu")
-    monkeypatch.setattr(quant, "ROW_BLOCK_ENTRIES", 32 * 5)  # the head in blocks of 5 rows
+    monkeypatch.setitem(quant.ROW_BLOCK_ENTRIES, "cpu", 32 * 5)  # the head in blocks of 5 rows
     tok = load_tokenizer(emu)
     batch = collate(load_examples(tiny_data, tok, 64)[:4], tok.pad_token_id)
     h = model.get_input_embeddings()
@@ -163,3 +163,30 @@ def test_bench_vocab_ablation_is_a_row_of_its_own(tiny_base, tmp_path):
                       plain_svd=False, energy_allocation=False, sequential=False, other_calibration=None, baselines=False)
     report = run_bench(tmp_path / "bench", cfg, report_only=True)
     assert "vocab-nf4" in report["not_run"]["unfinished rows"].split(" (")[0].split(", ")
+
+
+def test_row_block_size_follows_the_device():
+    """On a GPU a quantised weight is rebuilt in larger slices than on cpu (fewer kernels per layer), and
+    `predict`'s rebuilt-head term uses the slice size of the device it plans for."""
+    from emloc.plan import PlanConfig, predict
+    from emloc.quant import ROW_BLOCK_ENTRIES, row_block_entries
+    from transformers import Qwen2Config
+
+    assert row_block_entries("cpu") == ROW_BLOCK_ENTRIES["cpu"] < row_block_entries("cuda") == ROW_BLOCK_ENTRIES["cuda"]
+    assert row_block_entries("meta") == ROW_BLOCK_ENTRIES["cpu"]  # other devices: cpu's
+    cfg = Qwen2Config(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                      num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)
+    rebuilt = {dev: predict(cfg, PlanConfig(device=dev, method="quant", vocab_format="nf4", ratios=(0.25,)))
+               .training_at(0.25).parts["dequantized layer"] for dev in ("cpu", "cuda")}
+    assert rebuilt["cpu"] == 27648 * 5120 * 2  # the largest block linear is larger than a cpu slice of the head
+    assert rebuilt["cuda"] == ROW_BLOCK_ENTRIES["cuda"] * 2  # a cuda slice of the 152064 x 5120 head
+
+
+def test_cached_pair_table_equals_the_codebook():
+    fmt = FORMATS["nf4"]
+    codes = torch.arange(256, dtype=torch.uint8)[None]  # every byte once: low nibble, then high
+    scales = torch.ones(1, 8, dtype=torch.float16)
+    levels = fmt.levels(torch.float32)
+    want = torch.stack((levels[torch.arange(256) & 15], levels[torch.arange(256) >> 4]), dim=1).reshape(1, -1)
+    for _ in range(2):  # the second call reads the cache
+        torch.testing.assert_close(dequantize(codes, scales, fmt, 512, torch.float32), want)

@@ -247,7 +247,7 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
     lora_training = _training(shape, cfg, shape.total_params, lora, overhead, "train", original_stored)
     # an emulator's weights are written in the compute dtype of its build, assumed to be cfg.dtype
     from .emulator import resolve_method
-    from .quant import ROW_BLOCK_ENTRIES
+    from .quant import row_block_entries
 
     largest = max(m * n for _, m, n in shape.linears) * _dtype_bytes(cfg.dtype)
     training = {}
@@ -255,7 +255,7 @@ def predict(model: Any, cfg: PlanConfig | None = None) -> Plan:
         quantised = r < 1 and resolve_method(cfg.method, [r]) != "svd"
         vocab = cfg.vocab_format != "keep" and r < 1
         weights = emulator_weight_bytes(shape, r, cfg.method, _dtype_bytes(cfg.dtype)) - vocab_saving(shape, cfg) if r < 1 else None
-        rebuilt = max(largest if quantised else 0, min(shape.vocab * shape.hidden, ROW_BLOCK_ENTRIES) * _dtype_bytes(cfg.dtype) if vocab else 0)
+        rebuilt = max(largest if quantised else 0, min(shape.vocab * shape.hidden, row_block_entries(cfg.device)) * _dtype_bytes(cfg.dtype) if vocab else 0)
         # a quantised embedding is codes, never the compute dtype: no rows are subtracted as unread
         training[r] = _training(shape, cfg, shape.total_params if quantised else emulator_params(shape, r), lora, overhead,
                                 "train", (r < 1 or original_stored) and not vocab, weights, rebuilt)

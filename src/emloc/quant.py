@@ -40,9 +40,17 @@ ROUNDINGS = ("gptq", "rtn")
 GPTQ_DAMP = 0.01  # added to the Gram's diagonal, as a fraction of its mean, before GPTQ's Cholesky
 SCALE_BYTES = 2  # float16 scales
 BASE_BYTES = 2  # byte fractions are counted against the block weights in bfloat16
-# a layer larger than this (entries) is rebuilt a block of output rows at a time: an output head of a
-# 150k vocabulary would otherwise make a vocabulary x hidden float copy in every call
-ROW_BLOCK_ENTRIES = 1 << 24
+# entries of one rebuilt slice of a quantised weight, by device type (others: cpu's). On cpu small
+# slices keep the process near its live tensors: an output head of a 150k vocabulary would otherwise
+# make a vocabulary x hidden float copy in every call. On a GPU each slice costs its own kernels and
+# product: a 27648 x 5120 layer rebuilt in 16M-entry slices took 2.2x the time of one slice
+# (H200, bf16, 2048 tokens, forward + backward; benchmarks/quant_layer.py), hence 256M there.
+ROW_BLOCK_ENTRIES = {"cpu": 1 << 24, "cuda": 1 << 28}
+
+
+def row_block_entries(device: torch.device | str) -> int:
+    """Entries of one rebuilt slice of a quantised weight on `device` (see ROW_BLOCK_ENTRIES)."""
+    return ROW_BLOCK_ENTRIES.get(torch.device(device).type, ROW_BLOCK_ENTRIES["cpu"])
 
 
 @dataclass(frozen=True)
@@ -272,8 +280,8 @@ class QuantLinear(nn.Linear):
         return dequantize(self.qweight[rows], self.scales[rows], self.fmt, self.in_features, dtype)
 
     def row_blocks(self) -> list[slice]:
-        """Slices of output rows rebuilt at a time (one slice for every layer up to ROW_BLOCK_ENTRIES)."""
-        step = max(1, ROW_BLOCK_ENTRIES // self.in_features)
+        """Slices of output rows rebuilt at a time (one slice for a layer up to `row_block_entries`)."""
+        step = max(1, row_block_entries(self.qweight.device) // self.in_features)
         return [slice(i, i + step) for i in range(0, self.out_features, step)]
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
