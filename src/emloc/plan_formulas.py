@@ -24,8 +24,10 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 # line's allocator setting: 394 MB after these imports, 366 MB in `emloc build` before its tokenizer
 # and model classes (the tokenizer is counted apart, `tokenizer_bytes`).
 CPU_OVERHEAD = int(0.39 * GIB)
-# CUDA context, kernels and cuBLAS workspaces outside torch's allocator; typical, not measured here.
-CUDA_OVERHEAD = int(0.5 * GIB)
+# CUDA context, kernels and cuBLAS workspaces outside torch's allocator: device memory in use minus
+# torch's reserved memory was 0.68 GiB after inference and 0.75 GiB after LoRA training (H200, torch
+# 2.11 + CUDA 13; benchmarks/cuda_memory.py)
+CUDA_OVERHEAD = int(0.75 * GIB)
 # glibc keeps freed heap blocks (tensors under its dynamic mmap threshold, up to 32 MiB) in the
 # process, so a CPU training run's peak RSS can exceed its live tensors: measured on SmolLM2-135M
 # (benchmarks/plan_validation.py) at 1.3 / 0.65 x L x BT x A without / with checkpointing. The plan
