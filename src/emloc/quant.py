@@ -44,7 +44,7 @@ BASE_BYTES = 2  # byte fractions are counted against the block weights in bfloat
 # slices keep the process near its live tensors: an output head of a 150k vocabulary would otherwise
 # make a vocabulary x hidden float copy in every call. On a GPU each slice costs its own kernels and
 # product: a 27648 x 5120 layer rebuilt in 16M-entry slices took 2.2x the time of one slice
-# (H200, bf16, 2048 tokens, forward + backward; benchmarks/quant_layer.py), hence 256M there.
+# (H200, bf16, 2048 tokens, forward + backward; benchmarks/layer_speed.py), hence 256M there.
 ROW_BLOCK_ENTRIES = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--shape", default="27648x5120", help="out x in")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--row-block-entries", type=int, nargs="+", default=[q.ROW_BLOCK_ENTRIES["cpu"], q.ROW_BLOCK_ENTRIES["cuda"]])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[], help="LowRankLinear ranks to time")
+    ap.add_argument("--formats", nargs="*", default=["int8", "nf4"], help="QuantLinear formats to time")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top operators for each quantised variant")
     args = ap.parse_args()
     m, n = (int(v) for v in args.shape.split("x"))
@@ -59,8 +61,17 @@ def main() -> None:
     rows = ["| layer | row block entries | ms per forward+backward | vs dense |", "|---|---:|---:|---:|"]
     base = _time(step(dense), dev)
     rows.append(f"| dense bf16 {m}x{n} | - | {base * 1e3:.2f} | 1.00 |")
+    from emloc.lowrank import LowRankLinear
+
+    for k in args.ranks:
+        layer = LowRankLinear(n, m, k, bias=False, device=dev, dtype=dt).requires_grad_(False)
+        with torch.no_grad():
+            layer.up.normal_(0, 0.02, generator=g)
+            layer.down.normal_(0, 0.02, generator=g)
+        t = _time(step(layer), dev)
+        rows.append(f"| low-rank k={k} {m}x{n} ({k * (m + n) / (m * n):.3f} of the flops) | - | {t * 1e3:.2f} | {t / base:.2f} |")
     default = dict(q.ROW_BLOCK_ENTRIES)
-    for fmt in ("int8", "nf4"):
+    for fmt in args.formats:
         layer = q.QuantLinear(n, m, fmt, 0, bias=False, device=dev, dtype=dt)
         with torch.no_grad():
             layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, device=dev, generator=g))
