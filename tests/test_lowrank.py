@@ -65,9 +65,12 @@ def test_rank_deficient_statistics_stay_finite():
     assert torch.isfinite(f.up).all() and torch.isfinite(f.down).all()
 
 
-@pytest.mark.parametrize("m,n,ratio,k", [(576, 1536, 0.5, 209), (576, 576, 0.5, 144), (576, 192, 0.25, 36), (10, 10, 0.01, 1)])
+@pytest.mark.parametrize("m,n,ratio,k", [(576, 1536, 0.5, 208), (576, 576, 0.5, 144), (576, 192, 0.25, 32), (10, 10, 0.01, 1),
+                                         (18944, 3584, 0.5, 1504), (30, 30, 0.25, 3)])
 def test_rank_follows_ratio_formula(m, n, ratio, k):
+    """floor(ratio m n / (m + n)) rounded down to a multiple of 8 (GPU tensor cores); below 8 kept."""
     assert rank_for_ratio(m, n, ratio) == k
+    assert k * (m + n) <= ratio * m * n or k == 1
 
 
 def test_saves_parameters():

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .errors import EmlocError
-from .lowrank import rank_for_ratio, saves_parameters
+from .lowrank import aligned_rank, rank_for_ratio, saves_parameters
 from .families import family_of
 from .models import block_linears
 from .quant import BASE_BYTES, FORMATS, format_for
@@ -104,7 +104,7 @@ def layer_plan(m: int, n: int, ratio: float | None, method: str = "svd", quant_f
         fmt = format_for(ratio, quant_format) if method == "quant" else FORMATS["nf4" if quant_format == "auto" else quant_format]
         k = 0
         if method == "svd+quant":  # the bytes left after the quantised weight buy a bfloat16 low-rank term
-            k = int((ratio * BASE_BYTES * m * n - fmt.nbytes(m, n)) // (BASE_BYTES * (m + n)))
+            k = aligned_rank(int((ratio * BASE_BYTES * m * n - fmt.nbytes(m, n)) // (BASE_BYTES * (m + n))))
             if k < 1:
                 raise EmlocError(f"ratio {ratio} leaves no bytes for a low-rank term beside {fmt.name} "
                                  f"({fmt.nbytes(m, n) / (BASE_BYTES * m * n):.3f} of a {m}x{n} layer); raise --ratio or use --method quant")
