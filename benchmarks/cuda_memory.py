@@ -58,6 +58,7 @@ def _model(shape: str, scenario: str, device: str):
     from accelerate.utils import set_module_tensor_to_device
 
     from emloc.emulator import _set_module
+    from emloc.lowrank import LowRankLinear
     from emloc.models import block_linears, empty_model, find_blocks
     from emloc.quant import QuantLinear
     from emloc.ratios import layer_plan
@@ -70,7 +71,6 @@ def _model(shape: str, scenario: str, device: str):
             for rel, lin in list(block_linears(block)):
                 p = layer_plan(lin.out_features, lin.in_features, ratio, method)
                 if p["kind"] == "lowrank":
-                    from emloc.lowrank import LowRankLinear
                     new = LowRankLinear(lin.in_features, lin.out_features, p["rank"], lin.bias is not None, device="meta")
                 elif p["kind"] == "quant":
                     new = QuantLinear(lin.in_features, lin.out_features, p["format"], p["rank"], lin.bias is not None, device="meta")

@@ -1,6 +1,7 @@
-"""Forward + backward time of one frozen layer: dense, and `QuantLinear` in each format and row blocking.
+"""Forward + backward time of one frozen layer: dense, `QuantLinear` in each format and row blocking,
+and `LowRankLinear` at given ranks.
 
-    python benchmarks/quant_layer.py --device cuda --shape 27648x5120 --tokens 2048 [--profile]
+    python benchmarks/layer_speed.py --device cuda --shape 27648x5120 --tokens 2048 [--profile] [--ranks 1507 1504] [--formats nf4]
 
 The input needs its gradient and the layer is frozen, as in LoRA training: the backward is the input
 gradient only (`QuantLinear.transposed_map`, which rebuilds the weight again). Random codes and
