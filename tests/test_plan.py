@@ -284,3 +284,26 @@ def test_quantised_methods_count_their_stored_bytes(tiny_base):
     assert svd.training[0.5].parts["weights"] < quant.training[0.5].parts["weights"] < svd.training[1.0].parts["weights"]
     with pytest.raises(EmlocError, match="method"):
         predict(tiny_base, PlanConfig(method="prune"))
+
+
+def test_quantised_build_counts_every_input_gram_and_gptq_workspace(big_shape):
+    """GPTQ keeps each layer's input Gram (down_proj's 27648^2 in float64 here) and factors it: the plan
+    counted only the SVD's smaller Grams for every method (a 7B build measured 2.5x its prediction)."""
+    quant = predict(big_shape, PlanConfig(method="quant", ratios=(1.0, 0.5), stats_dtype="float64"))
+    svd = predict(big_shape, PlanConfig(method="svd", ratios=(1.0, 0.5), stats_dtype="float64"))
+    widest = 27648 ** 2 * 8
+    # on a GPU the Gram and two more n x n while its inverse is factored
+    assert quant.build[0.5].parts["statistics + decomposition"] >= 3 * widest
+    assert svd.build[0.5].parts["statistics + decomposition"] < widest
+    cpu = predict(big_shape, PlanConfig(method="quant", ratios=(1.0, 0.5), device="cpu", budget=10**15))
+    assert 2 * widest <= cpu.build[0.5].parts["statistics + decomposition"] < 3 * widest
+
+
+def test_plan_says_when_float32_statistics_let_a_larger_ratio_fit(big_shape):
+    """At 24 GB the 32B's NF4 build fits only with float32 statistics: the plan says so."""
+    plan = predict(big_shape, PlanConfig(budget=24 * GIB))
+    rec = plan.recommend()
+    assert rec.ratio == 0.2 and "build" in plan.shortfall(0.4)
+    text = format_plan(plan)
+    assert "With --stats-dtype float32" in text and "ratio 0.4 fits" in text
+    assert "--stats-dtype float32" not in format_plan(predict(big_shape, PlanConfig(budget=24 * GIB, stats_dtype="float32")))

@@ -10,7 +10,8 @@ from emloc import CorrectConfig, EmlocError, EmulatorConfig, TrainConfig, build_
 from emloc.correct import correct_layer, scaling
 from emloc.emulator import layer_plan, load_layer
 from emloc.models import WeightStore
-from emloc.quant import FORMATS, NF4_LEVELS, QuantLinear, dequantize, pack, quantize_gptq, quantize_rtn, unpack, weighted_error
+from emloc.quant import (FORMATS, NF4_LEVELS, QuantLinear, damped_error, dequantize, gptq_factor, pack, quantize_gptq, quantize_rtn,
+                         unpack, weighted_error)
 
 from .conftest import TINY, make_model_dir
 
@@ -60,6 +61,36 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(fmt):
     for name, (c, s) in {"rtn": quantize_rtn(w, f), "gptq": quantize_gptq(w, gram, f)}.items():
         errs[name] = weighted_error(w, dequantize(pack(c, f), s, f, n, torch.float64), gram)
     assert errs["gptq"] < 0.7 * errs["rtn"], errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_error_from_the_gptq_factor_equals_the_error_from_the_gram(dtype):
+    """The build measures GPTQ layers from the factor (the Gram's memory is reused): same number."""
+    torch.manual_seed(0)
+    n = 96
+    x = torch.randn(300, 12, dtype=torch.float64) @ torch.randn(12, n, dtype=torch.float64) + 0.05 * torch.randn(300, n, dtype=torch.float64)
+    x[:, [3, 40]] = 0.0  # inputs never seen: zero rows and columns of the Gram
+    gram = (x.T @ x).to(dtype)
+    w = torch.randn(20, n, dtype=torch.float64)
+    f = FORMATS["nf4"]
+    c, s = quantize_gptq(w, gram, f)
+    w_e = dequantize(pack(c, f), s, f, n, torch.float64)
+    factor = gptq_factor(gram.clone(), overwrite=True)
+    assert torch.equal(torch.stack(quantize_gptq(w, factor, f)[:1])[0], c)  # the factor gives the same codes
+    expected = weighted_error(w, w_e, gram)
+    assert damped_error(w, w_e, factor) == pytest.approx(expected, rel=1e-9 if dtype == torch.float64 else 1e-3)
+    assert damped_error(w, w, factor) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gptq_factor_overwrites_only_when_told():
+    torch.manual_seed(0)
+    x = torch.randn(50, 8, dtype=torch.float64)
+    gram = x.T @ x
+    kept = gram.clone()
+    gptq_factor(gram)
+    assert torch.equal(gram, kept)
+    gptq_factor(gram, overwrite=True)
+    assert not torch.equal(gram, kept)
 
 
 def random_quant_linear(m: int, n: int, k: int, dtype: torch.dtype) -> QuantLinear:

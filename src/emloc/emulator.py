@@ -35,8 +35,9 @@ from .models import (WeightStore, check_targets, copy_tokenizer_files, empty_mod
                      materialize, parse_device, parse_dtype, parse_stats_dtype, resolve_model)
 from .ratios import (AUTO_QUANT_FROM, QUANT_METHODS, SKIP, _plan_layers, _plan_stack, _rules, layer_plan,  # noqa: F401
                      parse_ratio_table, resolve_method)
-from .quant import BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, pack, quantize_gptq, quantize_rtn, weighted_error
-from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, StreamedModel
+from .quant import (BASE_BYTES, FORMATS, ROUNDINGS, QuantLinear, damped_error, gptq_factor, pack, quantize_gptq, quantize_rtn,
+                    weighted_error)
+from .stream import BATCH_TOKENS, INPUT_GRAM, OUTPUT_GRAM, BlockPass, LayerStats, StreamedModel
 from .vocab import VOCAB_FORMATS, install_vocab, quantize_vocab, vocab_modules
 
 log = logging.getLogger("emloc")
@@ -265,11 +266,18 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
     eigs: list = []
     layers: dict[str, dict[str, Any]] = {}
     for rel, p in compressed.items():
-        gram = stats.pop(rel).input_gram
-        _check_statistics(step.prefix + rel, torch.trace(gram))
+        st = stats.pop(rel)
+        _check_statistics(step.prefix + rel, torch.trace(st.input_gram))
         w = _checked_weight(store, step.prefix + rel, device, stats_dtype)
         fmt = FORMATS[p["format"]]
-        codes, scales = quantize_gptq(w, gram, fmt) if cfg.rounding == "gptq" else quantize_rtn(w, fmt)
+        # GPTQ without a residual term needs the Gram only to factor it: handed over with no other
+        # reference, its memory is reused (two n x n matrices at most instead of four)
+        factor, gram = (gptq_factor(_take_gram(st), overwrite=True), None) if cfg.rounding == "gptq" and not p["rank"] \
+            else (None, st.input_gram)
+        if cfg.rounding == "rtn":
+            codes, scales = quantize_rtn(w, fmt)
+        else:
+            codes, scales = quantize_gptq(w, factor if factor is not None else gram, fmt)
         lin = step.block.get_submodule(rel)
         new = QuantLinear(lin.in_features, lin.out_features, fmt.name, p["rank"], lin.bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
@@ -287,10 +295,17 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
             raise EmlocError(f"the quantised weight of {step.prefix + rel} is not finite; check the base's weights")
         _set_module(step.block, rel, new)
         m, n = p["out_features"], p["in_features"]
-        layers[step.prefix + rel] = {**p, "rounding": cfg.rounding, "rel_error": weighted_error(w, w_e, gram),
+        error = weighted_error(w, w_e, gram) if gram is not None else damped_error(w, w_e, factor)
+        layers[step.prefix + rel] = {**p, "rounding": cfg.rounding, "rel_error": error,
                                      "params_before": m * n, "params_after": m * n + p["rank"] * (m + n)}
-        del gram, w, w_e, codes, scales
+        del gram, factor, w, w_e, codes, scales
     return layers
+
+
+def _take_gram(st: LayerStats) -> torch.Tensor:
+    """The input Gram of `st`, leaving no reference to it behind (so its consumer may reuse its memory)."""
+    gram, st.input_gram = st.input_gram, None
+    return gram
 
 
 def _save_rest(stream: StreamedModel, vision_prefix: str | None, vocab_format: str, path: Path,

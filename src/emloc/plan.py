@@ -297,5 +297,23 @@ def format_plan(plan: Plan) -> str:
         size = f"{t.params / 1e9:.2f} B" if (t.params or 0) >= 1e9 else f"{(t.params or 0) / 1e6:.1f} M"
         lines.append(f"| {r:g} | {size} | {gb(t.parts['weights'])} | {build} | {gb(t.total)} | {correct} | {gb(plan.merge.total)} | {fits} |")
     rec = plan.recommend()
-    lines += ["", rec.message]
+    lines += ["", rec.message + stats_dtype_hint(plan, rec)]
     return "\n".join(lines)
+
+
+def stats_dtype_hint(plan: Plan, rec: Recommendation) -> str:
+    """A sentence when float32 build statistics would let a larger ratio fit than `rec` (else "").
+
+    A quantised emulator's build keeps every layer's input Gram for GPTQ: at float64 a 32B model's
+    27648-wide down_proj alone holds 6 GB three times over on a GPU.
+    """
+    c = plan.config
+    if c.budget is None or c.stats_dtype != "float64":
+        return ""
+    alt = predict(plan.shape, replace(c, stats_dtype="float32"))
+    alt_rec = alt.recommend()
+    if alt_rec.ratio is None or (rec.ratio is not None and alt_rec.ratio <= rec.ratio):
+        return ""
+    build = f"build {gb(alt.build[alt_rec.ratio].total)}, " if alt_rec.ratio < 1 else ""
+    return (f" With --stats-dtype float32 (the build's statistics in single precision) ratio {alt_rec.ratio:g} fits "
+            f"({build}peak {gb(max(e.total for e in alt.stages(alt_rec.ratio) if not e.host or c.device == 'cpu'))}).")

@@ -101,6 +101,22 @@ def svd_workspace(m: int, n: int, s: int, k: int | None = None) -> int:
     return s * (3 * m * n + 6 * n * n + k * (m + n))
 
 
+def quant_workspace(m: int, n: int, s: int, rank: int, device: str = "cuda") -> int:
+    """Peak bytes of one layer's quantisation in `emloc build` beside its input Gram, in a dtype of s bytes.
+
+    GPTQ alone (`emloc.quant.gptq_factor`, the Gram's memory reused): one more n x n while the
+    inverse is factored on cpu, two on a GPU (measured on an H200: a 7B-shaped build peaked 1.5 GB
+    above one, as if `cholesky_inverse` solved against an identity there), beside W (m n); then the factor in the Gram's place, W and its working copy,
+    the int64 codes, the rebuilt weight and the error's triangular solve: m n (4 s + 8). With the
+    hybrid's residual term (rank > 0) the Gram is kept: GPTQ's own two n x n, then the input
+    eigendecomposition (n^2 vectors + 2 n^2 workspace), the residual and its factors.
+    """
+    factor = 1 if device == "cpu" else 2
+    if rank:
+        return s * ((2 + factor) * n * n + 3 * m * n + rank * (m + n)) + 8 * m * n
+    return max(s * (factor * n * n + m * n), m * n * (4 * s + 8))
+
+
 def statistics_bytes(m: int, n: int, s: int) -> int:
     """Bytes of the statistics `emloc build` keeps for one compressed (m x n) layer: the smaller Gram.
 
@@ -125,12 +141,14 @@ def _build(shape: ModelShape, cfg: PlanConfig, ratio: float, overhead: int) -> E
       (`nonblock_resident`: on cpu, memory-mapped, an untied head is not read until the end) and
       one block, in the compute dtype; the calibration hidden states twice (block inputs and
       outputs), 2 x S x T_c x d x w.
-    - statistics: every compressed layer's smaller Gram (`statistics_bytes`) in the stats dtype (s
+    - statistics: every compressed layer's smaller Gram (`statistics_bytes`; a quantised emulator:
+      its input Gram, `_block_statistics`) in the stats dtype (s
       bytes), plus, while one batch of t = `calibration_forward_tokens` tokens is accumulated, its
       widest activation cast to the stats dtype and one product, t x I x s + I'^2 s (I' the widest
       side whose Gram is kept).
     - decomposition, one layer at a time in module order: the statistics not yet consumed (this
-      layer's and those after it) plus `svd_workspace` of that layer; the worst layer counts.
+      layer's and those after it) plus `svd_workspace` (`quant_workspace`) of that layer; the worst
+      layer counts.
     - one calibration batch through the block, t (4 d + 3 I) w.
     """
     loop = _build_loop(shape, cfg, ratio, overhead)
@@ -143,13 +161,10 @@ def _build(shape: ModelShape, cfg: PlanConfig, ratio: float, overhead: int) -> E
 def _build_loop(shape: ModelShape, cfg: PlanConfig, ratio: float, overhead: int) -> Estimate:
     """The block loop of `emloc build` (see `_build`)."""
     w, s = _dtype_bytes(cfg.dtype), _dtype_bytes(cfg.stats_dtype)
-    per = shape.per_block
-    block = [(m, n, k) for (_, m, n), k in zip(shape.linears[:per], layer_ranks(shape, ratio)[:per]) if k is not None]
-    stats = [statistics_bytes(m, n, s) for m, n, _ in block]
+    stats, work, kept = _block_statistics(shape, cfg, ratio, s)
     t = calibration_forward_tokens(cfg)
-    kept = max((min(m, n) for m, n, _ in block), default=0)
-    accumulate = sum(stats) + t * shape.intermediate * s + kept * kept * s if block else 0
-    factorise = max((sum(stats[i:]) + svd_workspace(m, n, s, k) for i, (m, n, k) in enumerate(block)), default=0)
+    accumulate = sum(stats) + t * shape.intermediate * s + kept * kept * s if stats else 0
+    factorise = max((sum(stats[i:]) + wk for i, wk in enumerate(work)), default=0)
     d = shape.hidden
     calib = 2 * cfg.calibration_samples * cfg.calibration_len * d * w
     forward = t * (4 * d + 3 * shape.intermediate) * w
@@ -158,6 +173,24 @@ def _build_loop(shape: ModelShape, cfg: PlanConfig, ratio: float, overhead: int)
              "statistics + decomposition": max(accumulate, factorise), "forward": forward,
              **_host_runtime(shape, cfg, overhead, tokenizer=True)}
     return Estimate("build", parts)
+
+
+def _block_statistics(shape: ModelShape, cfg: PlanConfig, ratio: float, s: int) -> tuple[list[int], list[int], int]:
+    """(statistics bytes and decomposition workspace of each compressed layer of a block, the side of
+    the largest Gram formed). A quantised emulator keeps every layer's input Gram (n x n, GPTQ's
+    Hessian; `quant_workspace`), the SVD the smaller one (`statistics_bytes`, `svd_workspace`)."""
+    from .emulator import resolve_method
+    from .ratios import layer_plan
+
+    method = resolve_method(cfg.method, [ratio])
+    if method == "svd":
+        block = [(m, n, k) for (_, m, n), k in zip(shape.linears[:shape.per_block], layer_ranks(shape, ratio)[:shape.per_block])
+                 if k is not None]
+        return [statistics_bytes(m, n, s) for m, n, _ in block], [svd_workspace(m, n, s, k) for m, n, k in block], \
+            max((min(m, n) for m, n, _ in block), default=0)
+    plans = [layer_plan(m, n, ratio, method) for _, m, n in shape.linears[:shape.per_block]]
+    return [p["in_features"] ** 2 * s for p in plans], \
+        [quant_workspace(p["out_features"], p["in_features"], s, p["rank"], cfg.device) for p in plans], max(p["in_features"] for p in plans)
 
 
 def _build_save(shape: ModelShape, cfg: PlanConfig, overhead: int) -> Estimate:

@@ -125,30 +125,58 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch
     return codes, scales.to(torch.float16)
 
 
-def quantize_gptq(w: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, damp: float = GPTQ_DAMP,
+@dataclass
+class GptqFactor:
+    """The factor GPTQ feeds errors through: U upper triangular with U^T U = H^-1, H = G' + lam I.
+
+    G' is the Gram with the diagonal of inputs never seen (`dead`) set to 1. `damped_error` measures
+    a layer's error on the calibration data from it, so the n x n Gram need not outlive the factor.
+    """
+
+    u: torch.Tensor
+    lam: float
+    dead: torch.Tensor
+
+
+def gptq_factor(gram: torch.Tensor, damp: float = GPTQ_DAMP, overwrite: bool = False) -> GptqFactor:
+    """Damp `gram` (n x n) and factor its inverse (`GptqFactor`).
+
+    With `overwrite` the Gram's memory is reused and its values destroyed: when the caller holds no
+    other reference (pass it straight from the statistics), at most two n x n matrices exist at once
+    instead of four; for a 7B model's down_proj (n = 18944, float64) that is 5.7 GB less on the GPU.
+    """
+    H = gram if overwrite else gram.clone()
+    del gram
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0  # inputs never seen: their weights cannot matter on this data
+    lam = damp * float(torch.diagonal(H).mean())
+    H.diagonal().add_(lam)
+    # each step replaces H, so one input and one output of a factorisation are alive at a time
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    return GptqFactor(torch.linalg.cholesky(H, upper=True), lam, dead)
+
+
+def quantize_gptq(w: torch.Tensor, gram: torch.Tensor | GptqFactor, fmt: QuantFormat, damp: float = GPTQ_DAMP,
                   block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ: quantise `w` (m x n) column by column, feeding each column's error forward through G^-1.
 
     Args:
         w: weight (m x n), any float dtype (computed in `gram`'s dtype).
-        gram: G (n x n), the Gram of the layer's inputs on the calibration data.
+        gram: G (n x n), the Gram of the layer's inputs on the calibration data, or its `gptq_factor`.
         fmt: the target format; a group's scale is taken from its (already error-corrected) columns
             when the first of them is reached, as in the reference implementation.
-        damp: Tikhonov damping as a fraction of mean(diag G).
+        damp: Tikhonov damping as a fraction of mean(diag G) (unused when given a factor).
         block: columns per lazy batch (a multiple of the group).
 
     Returns:
         (codes (m x n, int64), scales (m x groups, float16)).
     """
+    factor = gram if isinstance(gram, GptqFactor) else gptq_factor(gram, damp)
+    U = factor.u
     m, n = w.shape
-    W = w.to(gram.dtype).clone()
-    H = gram.clone()
-    dead = torch.diagonal(H) <= 0
-    H[dead, dead] = 1.0  # inputs never seen: their weights cannot matter on this data
-    W[:, dead] = 0.0
-    H.diagonal().add_(damp * torch.diagonal(H).mean())
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    del H
+    W = w.to(U.dtype).clone()
+    W[:, factor.dead] = 0.0
     g = fmt.group or n
     block = max(block // g, 1) * g if fmt.group else block
     levels = fmt.levels(W.dtype, W.device)
@@ -319,6 +347,23 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def damped_error(w: torch.Tensor, w_e: torch.Tensor, factor: GptqFactor) -> float:
+    """`weighted_error` from the GPTQ factor instead of the Gram (equal up to rounding).
+
+    With H = U^-1 U^-T, tr(E H E^T) = ||E U^-1||^2 (one triangular solve, m x n); the damping adds
+    lam ||E||^2 and the unit diagonal of the unseen inputs ||E_dead||^2, both subtracted.
+    """
+    u = factor.u
+
+    def quad(a: torch.Tensor) -> torch.Tensor:
+        a = a.to(u.dtype)
+        x = torch.linalg.solve_triangular(u, a, upper=True, left=False)  # a U^-1
+        return x.square().sum() - factor.lam * a.square().sum() - a[:, factor.dead].square().sum()
+
+    num, den = quad(w - w_e).clamp(min=0), quad(w)
+    return float(num / den.clamp(min=torch.finfo(u.dtype).tiny))
 
 
 def weighted_error(w: torch.Tensor, w_e: torch.Tensor, gram: torch.Tensor) -> float:
