@@ -101,7 +101,7 @@ def cmd_build(ns: argparse.Namespace) -> None:
 def _ratio_for_budget(ns: argparse.Namespace) -> float:
     """The largest ratio whose every stage fits `--budget`, from `emloc plan`'s predictions."""
     from .models import parse_device, resolve_model
-    from .plan import PlanConfig, parse_size, predict
+    from .plan import PlanConfig, parse_size, predict, stats_dtype_hint
 
     device = parse_device(ns.device).type
     dtype = "bf16" if ns.dtype == "auto" and device == "cuda" else ("fp32" if ns.dtype == "auto" else ns.dtype)
@@ -109,10 +109,11 @@ def _ratio_for_budget(ns: argparse.Namespace) -> float:
                      stats_dtype=ns.stats_dtype, calibration_samples=ns.samples, calibration_len=ns.max_length,
                      method=ns.method if ns.method in ("auto", "svd", "quant", "svd+quant") else "svd",
                      vocab_format=ns.vocab_format)
-    rec = predict(resolve_model(ns.base), cfg).recommend()
+    plan = predict(resolve_model(ns.base), cfg)
+    rec = plan.recommend()
     if rec.ratio is None:
         raise EmlocError(rec.message + " Lower --plan-batch/--plan-seq-len, use --stats-dtype float32, or raise --budget")
-    logging.getLogger("emloc").info("plan: %s", rec.message)
+    logging.getLogger("emloc").info("plan: %s", rec.message + stats_dtype_hint(plan, rec))
     if rec.ratio >= 1:
         raise EmlocError(f"{rec.message} Train LoRA on the original directly: emloc train --model {ns.base}")
     return rec.ratio
