@@ -152,3 +152,23 @@ def test_renamed_flags_still_work_with_a_warning(tmp_path, capsys, tiny_base, ti
     assert exc.value.code == 2 and "--calibration" in capsys.readouterr().err and not (tmp_path / "f").exists()
     with pytest.raises(SystemExit):  # both names at once, disagreeing
         main(["plan", "--base", str(tiny_base), "--model", str(tmp_path)])
+
+
+def test_build_budget_picks_the_plans_ratio_or_says_why_not(tiny_base, tiny_data, tmp_path, capsys):
+    """`emloc build --budget`: the plan's recommended ratio is built; a budget every stage misses, or one
+    the original already fits, ends in a one-line error and no output."""
+    from emloc.plan import PlanConfig, predict
+
+    plan = predict(tiny_base, PlanConfig(batch=8, seq_len=2048, dtype="fp32", device="cpu"))  # as the CLI asks below
+    budget = max(e.total for e in plan.stages(0.5))
+    ratio = plan.recommend(budget).ratio
+    assert 0.5 <= ratio < 1  # LoRA on the original needs a little more than this budget
+    base = ["build", "--base", str(tiny_base), "--calibration", str(tiny_data), "--samples", "8", "--device", "cpu",
+            "--plan-batch", "8", "--plan-seq-len", "2048"]
+    code, err = run_cli(base + ["--output", str(tmp_path / "small"), "--budget", "1MB"], capsys)
+    assert code == 2 and "nothing fits" in error_line(err) and not (tmp_path / "small").exists()
+    code, err = run_cli(base + ["--output", str(tmp_path / "large"), "--budget", "1000GB"], capsys)
+    assert code == 2 and "Train LoRA on the original directly" in error_line(err)
+    code, err = run_cli(base + ["--output", str(tmp_path / "emu"), "--budget", str(budget)], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "emu" / "manifest.json").read_text())["config"]["ratio"] == ratio
