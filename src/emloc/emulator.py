@@ -271,7 +271,7 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
         w = _checked_weight(store, step.prefix + rel, device, stats_dtype)
         fmt = FORMATS[p["format"]]
         # GPTQ without a residual term needs the Gram only to factor it: handed over with no other
-        # reference, its memory is reused (two n x n matrices at most instead of four)
+        # reference, its memory is reused (two n x n matrices at once on cpu, three on a GPU, not four)
         factor, gram = (gptq_factor(_take_gram(st), overwrite=True), None) if cfg.rounding == "gptq" and not p["rank"] \
             else (None, st.input_gram)
         if cfg.rounding == "rtn":

@@ -106,8 +106,9 @@ def quant_workspace(m: int, n: int, s: int, rank: int, device: str = "cuda") -> 
 
     GPTQ alone (`emloc.quant.gptq_factor`, the Gram's memory reused): one more n x n while the
     inverse is factored on cpu, two on a GPU (measured on an H200: a 7B-shaped build peaked 1.5 GB
-    above one, as if `cholesky_inverse` solved against an identity there), beside W (m n); then the factor in the Gram's place, W and its working copy,
-    the int64 codes, the rebuilt weight and the error's triangular solve: m n (4 s + 8). With the
+    above one, as if `cholesky_inverse` solved against an identity there), beside W (m n); then
+    the factor in the Gram's place, W and its working copy, the int64 codes, the rebuilt weight and
+    the error's triangular solve: m n (4 s + 8). With the
     hybrid's residual term (rank > 0) the Gram is kept: GPTQ's own two n x n, then the input
     eigendecomposition (n^2 vectors + 2 n^2 workspace), the residual and its factors.
     """

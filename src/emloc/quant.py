@@ -143,7 +143,8 @@ def gptq_factor(gram: torch.Tensor, damp: float = GPTQ_DAMP, overwrite: bool = F
 
     With `overwrite` the Gram's memory is reused and its values destroyed: when the caller holds no
     other reference (pass it straight from the statistics), at most two n x n matrices exist at once
-    instead of four; for a 7B model's down_proj (n = 18944, float64) that is 5.7 GB less on the GPU.
+    on cpu (three on a GPU, measured) instead of four: a 7B-shaped build (down_proj n = 18944,
+    float64) peaked 5.85 GiB lower on an H200.
     """
     H = gram if overwrite else gram.clone()
     del gram
