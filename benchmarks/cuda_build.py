@@ -8,11 +8,11 @@ written with random values (transformers' initialisation, bf16, 4 GB safetensors
 OUTPUT/base, with the tokenizer files of --tokenizer copied beside it (any tokenizer whose ids fit
 the vocabulary). The calibration records are the records of --calibration packed end to end into
 records of at least --max-length tokens, so the build calibrates on `--samples` full-length records
-as the plan assumes. Each method's `emloc build --device cuda` then runs in its own process, one
-after another; measured: wall time of the process, the manifest's peak CUDA allocation (the
-build's own `torch.cuda.max_memory_allocated`) and the device memory in use outside torch at its
-end is not seen (the process has exited), so the plan's CUDA_OVERHEAD is compared separately
-(benchmarks/cuda_memory.py measured it). Figures are time and memory only, never quality: the
+as the plan assumes. Each method's `emloc build` then runs in its own process, one after another;
+measured: the process's wall time and the manifest's peak CUDA allocation (the build's own
+`torch.cuda.max_memory_allocated`). The CUDA context and library workspaces outside torch's
+allocator (~0.7 GiB, measured by benchmarks/cuda_memory.py) come on top of it; the plan's figure
+includes them (`CUDA_OVERHEAD`). Figures are time and memory only, never quality: the
 weights are random. Nothing is asserted; report.md / report.json go to --output.
 """
 
