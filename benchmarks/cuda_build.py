@@ -5,7 +5,7 @@
 
 No pretrained checkpoint is read: a checkpoint of the shape (benchmarks/cuda_memory.py's SHAPES) is
 written with random values (transformers' initialisation, bf16, 4 GB safetensors shards) into
-OUTPUT/base, with the tokenizer files of --tokenizer copied beside it (any tokenizer whose ids fit
+WORK/base (--work, default OUTPUT/work), with the tokenizer files of --tokenizer copied beside it (any tokenizer whose ids fit
 the vocabulary). The calibration records are the records of --calibration packed end to end into
 records of at least --max-length tokens, so the build calibrates on `--samples` full-length records
 as the plan assumes. Each method's `emloc build` then runs in its own process, one after another;
