@@ -274,10 +274,7 @@ def _quantize_block(step: BlockPass, compressed: dict[str, dict[str, Any]], stor
         # reference, its memory is reused (two n x n matrices at once on cpu, three on a GPU, not four)
         factor, gram = (gptq_factor(_take_gram(st), overwrite=True), None) if cfg.rounding == "gptq" and not p["rank"] \
             else (None, st.input_gram)
-        if cfg.rounding == "rtn":
-            codes, scales = quantize_rtn(w, fmt)
-        else:
-            codes, scales = quantize_gptq(w, factor if factor is not None else gram, fmt)
+        codes, scales = quantize_rtn(w, fmt) if cfg.rounding == "rtn" else quantize_gptq(w, factor or gram, fmt)
         lin = step.block.get_submodule(rel)
         new = QuantLinear(lin.in_features, lin.out_features, fmt.name, p["rank"], lin.bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
